@@ -1,0 +1,113 @@
+"""``accelerate(model)`` / ``restore(model)``: the one-liner, and its exact undo.
+
+What ``accelerate`` changes, all listed here and all undone by ``restore``:
+1. the model's attention implementation (config ``_attn_implementation`` of the model and its
+   sub-configs) becomes "hf_turbo";
+2. ``model.generate`` becomes an instance attribute wrapping the class's generate;
+3. ``model._hf_turbo`` holds the state (original attention, config, the lazily built Engine).
+No parameter, buffer or module is touched, so ``state_dict`` never changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from hf_turbo.config import TurboConfig
+from hf_turbo.patches.attention import ATTN_NAME, register
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["accelerate", "restore", "is_accelerated", "get_engine"]
+
+_STATE_ATTR = "_hf_turbo"
+
+
+@dataclass
+class _TurboState:
+    original_attn: str | dict | None
+    config: TurboConfig
+    engine: object | None = None
+    had_generate_attr: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def is_accelerated(model) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def _validate_model(model) -> None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", type(model).__name__)
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise ValueError(f"model_type {mtype!r} is an encoder-decoder model; hf_turbo accelerates "
+                         "decoder-only causal LMs")
+    if not hasattr(model, "generate") or model.get_output_embeddings() is None:
+        raise ValueError(f"model_type {mtype!r} ({type(model).__name__}) is not a causal LM with an LM head "
+                         "(load it with AutoModelForCausalLM)")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"model_type {mtype!r} does not use transformers' attention interface "
+                         "(_supports_attention_backend is False), so hf_turbo cannot install its attention")
+
+
+def _ensure_turbo_attention(model) -> None:
+    """Make sure the model runs the "hf_turbo" attention (accelerating it if it is not yet)."""
+    if not is_accelerated(model):
+        accelerate(model)
+
+
+def accelerate(model, config: TurboConfig | None = None, **overrides):
+    """Patch a stock transformers decoder in place to run on hf_turbo; returns the same model.
+
+    After it, ``model.generate(...)`` returns the same tokens as stock generate (greedy, fp32)
+    from a paged-KV continuous-batching engine. Calling it twice is a no-op. Keyword
+    ``overrides`` replace :class:`TurboConfig` fields (``max_num_batched_tokens=...``,
+    ``num_blocks=...``, ``block_size=...``).
+    """
+    if is_accelerated(model):
+        return model
+    _validate_model(model)
+    register()
+    cfg = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
+    from hf_turbo.patches.generate import make_generate
+
+    original_attn = model.config._attn_implementation
+    state = _TurboState(original_attn=original_attn, config=cfg,
+                        had_generate_attr="generate" in model.__dict__)
+    if state.had_generate_attr:
+        state.extras["generate"] = model.__dict__["generate"]
+    model.set_attn_implementation(ATTN_NAME)
+    setattr(model, _STATE_ATTR, state)
+    model.generate = make_generate(model)
+    logger.info("hf_turbo: accelerated %s (was attn_implementation=%r)", type(model).__name__, original_attn)
+    return model
+
+
+def restore(model):
+    """Undo :func:`accelerate` exactly; returns the model. ValueError if it is not accelerated."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"model {type(model).__name__} is not accelerated by hf_turbo: nothing to restore")
+    model.set_attn_implementation(state.original_attn)
+    del model.generate
+    if state.had_generate_attr:
+        model.generate = state.extras["generate"]
+    delattr(model, _STATE_ATTR)
+    state.engine = None
+    return model
+
+
+def get_engine(model):
+    """The accelerated model's Engine (built on first use)."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("model is not accelerated: call hf_turbo.accelerate(model) first")
+    if state.engine is None:
+        from hf_turbo.engine.engine import Engine
+
+        state.engine = Engine(model, None, state.config)
+    return state.engine

@@ -1,0 +1,68 @@
+"""``hf-turbo demo``: complete a few Python prompts with the fixture model (or ``--model PATH``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMO_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n        return",
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="fixture",
+                        help="local model dir or hub id (default: the built-in trained fixture)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="a prompt to complete (repeatable); default: built-in Python prompts")
+
+
+def _generate_timed(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], float]:
+    """Greedy-complete each prompt one at a time; returns new token ids per prompt and seconds."""
+    outs: list[list[int]] = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            seq = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        outs.append(seq[0, enc["input_ids"].shape[1]:].tolist())
+    return outs, time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> int:
+    from hf_turbo.loading import load_model_and_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    prompts = args.prompt or DEMO_PROMPTS
+    _generate_timed(model, tok, prompts[:1], 4)  # warm-up, not timed
+    outs, secs = _generate_timed(model, tok, prompts, args.max_new_tokens)
+    n_tokens = sum(len(o) for o in outs)
+    for prompt, ids in zip(prompts, outs):
+        print("=" * 72)
+        print(prompt, end="")
+        print("\033[1m" + tok.decode(ids, skip_special_tokens=True) + "\033[0m" if _tty() else
+              tok.decode(ids, skip_special_tokens=True))
+    print("=" * 72)
+    print(f"stock generate(): {n_tokens} tokens in {secs:.2f} s = {n_tokens / secs:.1f} tokens/s "
+          f"({model.config.model_type}, {model.dtype}, {model.device})")
+    return 0
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()

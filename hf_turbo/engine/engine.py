@@ -1,0 +1,318 @@
+"""Engine: continuous batching over the user's own HF model, in process.
+
+``Engine(model, tokenizer).generate(prompts, params)`` runs a list of prompts to completion with a
+tqdm bar; ``add_request`` / ``step`` / ``abort`` drive custom loops (the async engine and the
+``generate()`` wrapper are built on them). Every step is one packed forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+
+from hf_turbo.cache.block_pool import BlockPool
+from hf_turbo.cache.paged_cache import PagedKVCache
+from hf_turbo.config import TurboConfig
+from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
+from hf_turbo.engine.runner import ModelRunner
+from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.sampling import RowState, SamplingParams, random_seed, sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "num_kv_blocks"]
+
+PromptType = str | Sequence[int]
+
+
+def num_kv_blocks(model, config: TurboConfig) -> int:
+    """Blocks the KV budget affords: explicit, a fraction of free CUDA memory, or a CPU byte budget."""
+    cc = config.cache
+    if cc.num_blocks is not None:
+        return cc.num_blocks
+    dtype = next(model.parameters()).dtype
+    per_block = PagedKVCache.bytes_per_block(model.config, cc.block_size, dtype)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * cc.gpu_memory_fraction)
+    else:
+        budget = cc.cpu_kv_bytes
+    return max(1, budget // per_block)
+
+
+def _model_max_len(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _eos_ids(model) -> tuple[int, ...]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
+class Engine:
+    """Continuous-batching engine over a stock transformers causal LM.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (accelerated in place if it is not already).
+        tokenizer: needed for string prompts, ``text`` outputs and stop strings.
+        config: a :class:`TurboConfig`; keyword ``overrides`` replace its fields
+            (``max_num_batched_tokens=...``, ``num_blocks=...``, ...).
+    """
+
+    def __init__(self, model, tokenizer=None, config: TurboConfig | None = None, **overrides) -> None:
+        from hf_turbo.api import _ensure_turbo_attention
+
+        config = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
+        _ensure_turbo_attention(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        param = next(model.parameters())
+        self.device = param.device
+        self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() \
+            is not None else model.config.vocab_size
+        self.max_model_len = config.max_model_len or _model_max_len(model)
+        self.eos_ids = _eos_ids(model)
+        nblocks = num_kv_blocks(model, config)
+        num_layers = model.config.get_text_config().num_hidden_layers
+        self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device)
+        self.pool = BlockPool(nblocks, config.cache.block_size)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.cache.enable_prefix_caching)
+        self.runner = ModelRunner(model, self.cache, config.backend)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+        logger.info("Engine: %d KV blocks of %d tokens (%s, %s)", nblocks, config.cache.block_size,
+                    param.dtype, self.device)
+
+    # -- requests -------------------------------------------------------------------------------
+    def _encode(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the Engine has no tokenizer; pass token ids")
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(-1).tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: it must hold at least one token")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt token ids must be integers, got {t!r}")
+            if t < 0 or t >= self.vocab_size:
+                raise ValueError(f"prompt token id {t} is out of the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None, *, stop_checker=None, collect_scores: bool = False) -> str:
+        """Validate and queue one request; returns its id. ValueError on bad input.
+
+        ``stop_checker(output_ids) -> bool`` adds a stop rule (finish_reason 'stop');
+        ``collect_scores`` keeps each step's raw logits and processed scores on the request.
+        """
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+            while request_id in self.requests:
+                request_id = f"req-{next(self._ids)}"
+        elif request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = self._encode(prompt)
+        total = len(ids) + params.max_new_tokens
+        if self.max_model_len is not None and total > self.max_model_len:
+            raise ValueError(f"prompt length {len(ids)} + max_new_tokens {params.max_new_tokens} = {total} "
+                             f"exceeds the model's maximum length {self.max_model_len}")
+        need = math.ceil(total / self.pool.block_size)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"prompt length {len(ids)} + max_new_tokens {params.max_new_tokens} needs {need} KV "
+                             f"blocks but the pool has {self.pool.num_blocks}")
+        if self.config.max_waiting is not None and len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise OverflowError(f"too many waiting requests ({len(self.scheduler.waiting)})")
+        seed = params.seed if params.seed is not None else random_seed()
+        req = Request(request_id, ids, params, seed, () if params.ignore_eos else self.eos_ids,
+                      stop_checker=stop_checker)
+        if collect_scores:
+            req.scores, req.raw_logits = [], []
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its output (finish_reason 'abort')."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.finish_reason = "abort"
+        req.finish_time = time.perf_counter()
+        self.scheduler.finish(req, RequestStatus.ABORTED)
+        return req.to_output(self._detok(req))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; returns outputs of requests that got tokens or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler cannot admit the first waiting request (KV pool too small)")
+            return []
+        try:
+            logits = self.runner.execute(sched.scheduled)
+        except Exception as exc:
+            # fail the requests of this step; the engine keeps serving the rest
+            for req, _ in sched.scheduled:
+                req.error = exc
+                req.finish_reason = "abort"
+                self.requests.pop(req.request_id, None)
+                self.scheduler.finish(req, RequestStatus.ABORTED)
+            raise
+        self.scheduler.commit(sched)
+        self.num_steps += 1
+        sampled = [req for req, _ in sched.scheduled if req.num_computed == req.num_tokens]
+        outputs = []
+        if sampled:
+            rows = [RowState(r.params, r.num_output_tokens, r.seed,
+                             r.token_ids if r.params.needs_history else None, r.eos_ids) for r in sampled]
+            tokens, scores = sample(logits, rows, return_scores=True)
+            tokens = tokens.tolist()
+            now = time.perf_counter()
+            logp = None
+            if any(r.params.logprobs is not None for r in sampled):
+                logp = torch.log_softmax(logits, dim=-1)
+            for i, (req, tok) in enumerate(zip(sampled, tokens)):
+                req.token_ids.append(tok)
+                self.num_generated_tokens += 1
+                if req.scores is not None:
+                    req.scores.append(scores[i].clone())
+                    req.raw_logits.append(logits[i].clone())
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                if req.params.logprobs is not None:
+                    top = torch.topk(logp[i], req.params.logprobs) if req.params.logprobs else None
+                    entry = {tok: float(logp[i, tok])}
+                    if top is not None:
+                        entry.update(zip(top.indices.tolist(), top.values.tolist()))
+                    req.logprobs.append(entry)
+                reason = self._check_finish(req, tok)
+                if reason is not None:
+                    req.finish_reason = reason
+                    req.finish_time = now
+                    self.scheduler.finish(req, RequestStatus.FINISHED)
+                    self.requests.pop(req.request_id, None)
+                outputs.append(req.to_output(self._detok(req) if req.finish_reason else None))
+        if self.config.debug_checks:
+            self.check_invariants()
+        return outputs
+
+    def _check_finish(self, req: Request, tok: int) -> str | None:
+        p = req.params
+        n = req.num_output_tokens
+        if n >= p.min_new_tokens and (tok in req.eos_ids or tok in p.stop_token_ids):
+            return "stop"
+        if req.stop_checker is not None and req.stop_checker(req.output_ids):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self._detok(req)
+            if any(s in text for s in p.stop):
+                return "stop"
+        if n >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def _detok(self, req: Request) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        for s in req.params.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def check_invariants(self) -> None:
+        """Block-pool bookkeeping plus: every live block belongs to a running request or the cache."""
+        self.pool.check_invariants()
+        owned = sum(len(r.block_ids) for r in self.scheduler.running)
+        if owned < self.pool.num_used - 0 and not self.config.cache.enable_prefix_caching:
+            raise AssertionError(f"{self.pool.num_used} blocks used but requests own {owned}")
+
+    # -- offline --------------------------------------------------------------------------------
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        elif len(params) != len(prompts):
+            raise ValueError(f"params has {len(params)} entries for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.add_request(prompt, p))
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="hf_turbo", unit="req", dynamic_ncols=True)
+        try:
+            pending = set(ids)
+            while pending:
+                for out in self.step():
+                    if out.finished and out.request_id in pending:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    self.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_used": pool.num_used,
+            "kv_blocks_free": pool.num_free,
+            "kv_blocks_cached": pool.num_cached,
+            "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": pool.prefix_queries,
+            "prefix_cache_hits": pool.prefix_hits,
+            "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
+            "steps": self.num_steps,
+            "generated_tokens": self.num_generated_tokens,
+        }

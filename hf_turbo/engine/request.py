@@ -1,0 +1,118 @@
+"""One request's state: WAITING -> RUNNING -> (PREEMPTED -> RUNNING) -> FINISHED | ABORTED."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_turbo.cache.block_pool import hash_block_tokens
+from hf_turbo.sampling import SamplingParams
+
+__all__ = ["Request", "RequestStatus", "RequestOutput"]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass
+class RequestOutput:
+    """A finished (or streaming) request, HF/vLLM style."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    logprobs: list[dict[int, float]] | None = None
+    time_to_first_token: float | None = None
+    total_time: float | None = None
+    num_cached_tokens: int = 0
+    scores: list[torch.Tensor] | None = None
+    raw_logits: list[torch.Tensor] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """Token ids, KV blocks and progress of one sequence.
+
+    Invariant while RUNNING: the KV of ``token_ids[:num_computed]`` is in ``block_ids``. A step
+    computes ``token_ids[num_computed : num_computed + n]``; when that reaches ``len(token_ids)``
+    the step samples the next token.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    eos_ids: tuple[int, ...] = ()
+    arrival: float = field(default_factory=time.perf_counter)
+    status: RequestStatus = RequestStatus.WAITING
+    token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_tokens: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    error: BaseException | None = None
+    stop_checker: Callable[[list[int]], bool] | None = None  # extra stop rule on the output ids
+    scores: list[torch.Tensor] | None = None  # processed scores per token (HF output_scores)
+    raw_logits: list[torch.Tensor] | None = None  # raw logits per token (HF output_logits)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (RequestStatus.FINISHED, RequestStatus.ABORTED)
+
+    def full_block_hashes(self, block_size: int) -> list[bytes]:
+        """Chained hashes of every full block of ``token_ids`` (extends the memo incrementally)."""
+        n_full = len(self.token_ids) // block_size
+        while len(self.block_hashes) < n_full:
+            i = len(self.block_hashes)
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
+        return self.block_hashes[:n_full]
+
+    def to_output(self, text: str | None = None) -> RequestOutput:
+        ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
+        total = None if self.finish_time is None else self.finish_time - self.arrival
+        return RequestOutput(self.request_id, list(self.prompt_ids), list(self.output_ids), text,
+                             self.finish_reason, self.logprobs, ttft, total, self.num_cached_tokens,
+                             self.scores, self.raw_logits)

@@ -1,0 +1,145 @@
+"""The scheduler: which requests run this step, with how many tokens, on which KV blocks.
+
+One step has a token budget (``max_num_batched_tokens``) and a cap on running sequences. Running
+requests go first, in arrival order (decode tokens and the rest of chunked prefills), then waiting
+requests are admitted in arrival order while blocks and budget last; a request that does not fit
+stops admission, so nobody behind it overtakes it (FCFS, no starvation). When a running request
+needs a block and none is free, the most recently arrived running request is preempted: its blocks
+are freed and it goes back to the front of the queue to be recomputed later, which gives the same
+output because sampling is keyed by position. With prefix caching, a newly admitted request first
+takes every cached full block of its prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from hf_turbo.cache.block_pool import BlockPool
+from hf_turbo.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "SchedulerOutput"]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_prefix_caching = enable_prefix_caching
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queue management -----------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, status: RequestStatus = RequestStatus.FINISHED) -> None:
+        """Remove a request from the queues and release its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self._release(req)
+        req.status = status
+
+    def _release(self, req: Request) -> None:
+        self.pool.free(reversed(req.block_ids))
+        req.block_ids = []
+        req.num_computed = 0
+
+    def _blocks_needed(self, req: Request, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        self._release(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        logger.debug("preempted %s", victim.request_id)
+
+    # -- one step -------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_needed(req, req.num_computed + n)
+            while need > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # it preempted itself: everything after it is gone too
+            if need:
+                req.block_ids.extend(self.pool.allocate(need))
+            out.scheduled.append((req, n))
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            if req.num_computed == 0 and not req.block_ids and self.enable_prefix_caching:
+                # never take the block holding the last token: one token must be computed for logits
+                max_blocks = (req.num_tokens - 1) // self.block_size
+                hashes = req.full_block_hashes(self.block_size)[:max_blocks]
+                cached = self.pool.match_prefix(hashes)
+                req.block_ids = cached
+                req.num_computed = len(cached) * self.block_size
+                req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed)
+            n = min(req.num_tokens - req.num_computed, budget)
+            need = self._blocks_needed(req, req.num_computed + n)
+            if need > self.pool.num_free:
+                if req.block_ids:  # give back the prefix we took; retry next step
+                    self._release(req)
+                break
+            if need:
+                req.block_ids.extend(self.pool.allocate(need))
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append((req, n))
+            budget -= n
+        return out
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """After the forward: advance progress and publish newly full blocks to the prefix cache."""
+        for req, n in out.scheduled:
+            before = req.num_computed
+            req.num_computed += n
+            if self.enable_prefix_caching:
+                first_full = before // self.block_size
+                last_full = req.num_computed // self.block_size
+                if last_full > first_full:
+                    hashes = req.full_block_hashes(self.block_size)
+                    for b in range(first_full, min(last_full, len(hashes))):
+                        self.pool.cache_block(req.block_ids[b], hashes[b])

@@ -1,0 +1,107 @@
+"""The "hf_turbo" attention, registered with transformers' AttentionInterface and mask interface.
+
+Two paths through one function:
+
+* Inside an hf_turbo engine forward (a ``turbo_ctx`` ForwardContext in the kwargs): the batch is
+  one packed varlen sequence [1, T]; the new K/V were already written to the paged cache by
+  ``PagedKVCache.update``; attention reads each sequence's context through its block table
+  (Triton on CUDA, torch reference on the CPU). No mask tensor exists: the mask function returns
+  None and the kernel applies causality, sliding window and softcap itself.
+* A plain forward (``from_pretrained(..., attn_implementation="hf_turbo")`` with a DynamicCache or
+  none): exactly the stock "sdpa" mask and attention, or the flash varlen kernel on CUDA when
+  there is no mask; softcap models go through a torch softmax with the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from hf_turbo.kernels import flash_attention_varlen, paged_attention
+
+__all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask"]
+
+ATTN_NAME = "hf_turbo"
+CTX_KWARG = "turbo_ctx"
+
+
+def turbo_mask(*args, **kwargs):
+    """Mask function: None inside an engine forward (PagedKVCache reports kv_length 0), else sdpa's."""
+    if kwargs.get("kv_length", None) == 0:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention for transformers' interface. query [B, H, S, D]; returns ([B, S, H, D], None)."""
+    ctx = kwargs.get(CTX_KWARG)
+    sliding_window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if ctx is None:
+        return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                sliding_window, softcap, **kwargs)
+    k_pool, v_pool = ctx.cache.layer_pools(module.layer_idx)
+    # query: [1, H, T, D] -> [T, H, D]
+    q = query[0].transpose(0, 1).contiguous()
+    out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
+                          scale=scaling, sliding_window=sliding_window, softcap=softcap,
+                          max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend)
+    return out.unsqueeze(0), None
+
+
+def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
+                     **kwargs):
+    b, h, s, d = query.shape
+    kv_len = key.shape[2]
+    if query.is_cuda and attention_mask is None and s == kv_len and dropout == 0.0:
+        # no padding, square causal: the Triton varlen kernel, one "sequence" per batch row
+        cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=query.device)
+        out = flash_attention_varlen(
+            query.transpose(1, 2).reshape(b * s, h, d), key.transpose(1, 2).reshape(b * s, -1, d),
+            value.transpose(1, 2).reshape(b * s, -1, d), cu, cu, scale=scaling, causal=True,
+            sliding_window=sliding_window, softcap=softcap)
+        return out.view(b, s, h, d), None
+    if softcap is None:
+        kwargs.pop("sliding_window", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **{k: v for k, v in kwargs.items() if k != CTX_KWARG})
+    return _softcap_attention(query, key, value, attention_mask, scaling, softcap)
+
+
+def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
+    # query [B, H, S, D], key/value [B, H_kv, L, D]; attention_mask bool/float [B, 1, S, L] or None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    s, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        pos_q = torch.arange(kv_len - s, kv_len, device=query.device)[:, None]
+        attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= pos_q
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register "hf_turbo" with transformers (idempotent; done on ``import hf_turbo``)."""
+    global _registered
+    if _registered:
+        return
+    AttentionInterface.register(ATTN_NAME, turbo_attention)
+    AttentionMaskInterface.register(ATTN_NAME, turbo_mask)
+    _registered = True
