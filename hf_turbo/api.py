@@ -49,9 +49,19 @@ def _validate_model(model) -> None:
     if not hasattr(model, "generate") or model.get_output_embeddings() is None:
         raise ValueError(f"model_type {mtype!r} ({type(model).__name__}) is not a causal LM with an LM head "
                          "(load it with AutoModelForCausalLM)")
-    if not getattr(model, "_supports_attention_backend", False):
+    if not _uses_attention_interface(model):
         raise ValueError(f"model_type {mtype!r} does not use transformers' attention interface "
                          "(_supports_attention_backend is False), so hf_turbo cannot install its attention")
+
+
+def _uses_attention_interface(model) -> bool:
+    """Whether the model dispatches attention through transformers' AttentionInterface."""
+    import sys
+
+    if getattr(model, "_supports_attention_backend", False):
+        return True
+    module = sys.modules.get(type(model).__module__)
+    return module is not None and hasattr(module, "ALL_ATTENTION_FUNCTIONS")
 
 
 def _ensure_turbo_attention(model) -> None:

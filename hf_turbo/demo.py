@@ -42,6 +42,7 @@ def _generate_timed(model, tok, prompts: list[str], max_new_tokens: int) -> tupl
 
 
 def run(args: argparse.Namespace) -> int:
+    import hf_turbo
     from hf_turbo.loading import load_model_and_tokenizer
 
     if args.max_new_tokens < 1:
@@ -49,17 +50,27 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     prompts = args.prompt or DEMO_PROMPTS
     _generate_timed(model, tok, prompts[:1], 4)  # warm-up, not timed
-    outs, secs = _generate_timed(model, tok, prompts, args.max_new_tokens)
-    n_tokens = sum(len(o) for o in outs)
-    for prompt, ids in zip(prompts, outs):
+    stock, stock_s = _generate_timed(model, tok, prompts, args.max_new_tokens)
+    hf_turbo.accelerate(model)
+    try:
+        _generate_timed(model, tok, prompts[:1], 4)
+        fast, fast_s = _generate_timed(model, tok, prompts, args.max_new_tokens)
+    finally:
+        hf_turbo.restore(model)
+    for prompt, ids, ids_fast in zip(prompts, stock, fast):
         print("=" * 72)
+        completion = tok.decode(ids, skip_special_tokens=True)
         print(prompt, end="")
-        print("\033[1m" + tok.decode(ids, skip_special_tokens=True) + "\033[0m" if _tty() else
-              tok.decode(ids, skip_special_tokens=True))
+        print("\033[1m" + completion + "\033[0m" if _tty() else completion)
+        print(f"--- identical: {'yes' if ids == ids_fast else 'NO'}")
     print("=" * 72)
-    print(f"stock generate(): {n_tokens} tokens in {secs:.2f} s = {n_tokens / secs:.1f} tokens/s "
-          f"({model.config.model_type}, {model.dtype}, {model.device})")
-    return 0
+    n_stock, n_fast = sum(map(len, stock)), sum(map(len, fast))
+    print(f"model: {model.config.model_type}, {model.dtype}, {model.device}; greedy, one prompt at a time")
+    print(f"stock generate():       {n_stock} tokens in {stock_s:.2f} s = {n_stock / stock_s:7.1f} tokens/s")
+    print(f"accelerated generate(): {n_fast} tokens in {fast_s:.2f} s = {n_fast / fast_s:7.1f} tokens/s")
+    same = stock == fast
+    print(f"identical: {'yes' if same else 'NO'}; speed-up {stock_s / fast_s:.2f}x")
+    return 0 if same else 1
 
 
 def _tty() -> bool:

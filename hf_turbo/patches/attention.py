@@ -38,9 +38,9 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """Attention for transformers' interface. query [B, H, S, D]; returns ([B, S, H, D], None)."""
-    ctx = kwargs.get(CTX_KWARG)
-    sliding_window = kwargs.get("sliding_window")
-    softcap = kwargs.get("softcap")
+    ctx = kwargs.pop(CTX_KWARG, None)
+    sliding_window = kwargs.pop("sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     if ctx is None:
@@ -68,9 +68,8 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
             sliding_window=sliding_window, softcap=softcap)
         return out.view(b, s, h, d), None
     if softcap is None:
-        kwargs.pop("sliding_window", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **{k: v for k, v in kwargs.items() if k != CTX_KWARG})
+                                      scaling=scaling, **kwargs)
     return _softcap_attention(query, key, value, attention_mask, scaling, softcap)
 
 
@@ -87,7 +86,8 @@ def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
         pos_q = torch.arange(kv_len - s, kv_len, device=query.device)[:, None]
         attention_mask = torch.arange(kv_len, device=query.device)[None, :] <= pos_q
     if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+        # finfo.min, not -inf: fully padded query rows get uniform weights instead of NaN (as eager)
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     else:
         scores = scores + attention_mask
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)

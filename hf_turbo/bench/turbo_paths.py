@@ -1,0 +1,90 @@
+"""hf_turbo's own paths for ``hf-turbo bench``, measured beside HF's in the same run.
+
+Each path accelerates the shared model on entry and restores it on exit, so the HF paths always
+run stock; the engine (and its prefix cache) is built fresh per run, before the clock starts.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import hf_turbo
+from hf_turbo.bench.paths import BenchContext, PathResult, _bar, register_path
+from hf_turbo.bench.workloads import Workload
+from hf_turbo.sampling import SamplingParams
+
+__all__ = ["turbo_sequential", "turbo_padded", "turbo_engine", "turbo_engine_no_prefix_cache"]
+
+
+def turbo_sequential(ctx: BenchContext, workload: Workload) -> PathResult:
+    """Accelerated ``model.generate()`` one request at a time (batch-1 latency)."""
+    import torch
+
+    hf_turbo.accelerate(ctx.model)
+    try:
+        hf_turbo.get_engine(ctx.model)
+        outputs, processed = [], 0
+        with _bar(ctx, workload.n_requests, f"{workload.name} turbo_sequential") as bar:
+            start = perf_counter()
+            for prompt, n in zip(workload.prompts, workload.output_lens, strict=True):
+                ids = torch.tensor([prompt], dtype=torch.long, device=ctx.device)
+                out = ctx.model.generate(ids, generation_config=ctx.greedy_config(n))
+                outputs.append(out[0, len(prompt):].tolist())
+                processed += len(prompt) + n
+                bar.update(1)
+            ctx.synchronize()
+            seconds = perf_counter() - start
+    finally:
+        hf_turbo.restore(ctx.model)
+    return PathResult(outputs, seconds, processed)
+
+
+def turbo_padded(ctx: BenchContext, workload: Workload) -> PathResult:
+    """Accelerated ``model.generate()`` on the same left-padded batches as ``hf_padded``."""
+    from hf_turbo.bench.paths import hf_padded
+
+    hf_turbo.accelerate(ctx.model)
+    try:
+        hf_turbo.get_engine(ctx.model)
+        result = hf_padded(ctx, workload)
+    finally:
+        hf_turbo.restore(ctx.model)
+    # padding is not computed by the engine: only real tokens are processed
+    result.tokens_processed = sum(len(p) for p in workload.prompts) + sum(workload.output_lens)
+    return result
+
+
+def _engine_run(ctx: BenchContext, workload: Workload, prefix_caching: bool) -> PathResult:
+    model = ctx.model
+    hf_turbo.accelerate(model, enable_prefix_caching=prefix_caching)
+    try:
+        engine = hf_turbo.get_engine(model)
+        params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in workload.output_lens]
+        start = perf_counter()
+        outs = engine.generate([list(p) for p in workload.prompts], params, use_tqdm=ctx.progress)
+        ctx.synchronize()
+        seconds = perf_counter() - start
+        stats = engine.stats()
+    finally:
+        hf_turbo.restore(model)
+    cached = sum(o.num_cached_tokens for o in outs)
+    processed = sum(len(p) for p in workload.prompts) + sum(workload.output_lens) - cached
+    extra = {"steps": stats["steps"], "preemptions": stats["preemptions"], "cached_prompt_tokens": cached,
+             "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"]}
+    return PathResult([o.token_ids for o in outs], seconds, processed, extra=extra)
+
+
+def turbo_engine(ctx: BenchContext, workload: Workload) -> PathResult:
+    """``hf_turbo.Engine.generate`` over all requests: continuous batching, prefix caching on."""
+    return _engine_run(ctx, workload, prefix_caching=True)
+
+
+def turbo_engine_no_prefix_cache(ctx: BenchContext, workload: Workload) -> PathResult:
+    """The same engine with prefix caching off (W3's comparison)."""
+    return _engine_run(ctx, workload, prefix_caching=False)
+
+
+register_path("turbo_sequential", turbo_sequential)
+register_path("turbo_padded", turbo_padded)
+register_path("turbo_engine", turbo_engine)
+register_path("turbo_engine_nopc", turbo_engine_no_prefix_cache)
