@@ -231,7 +231,7 @@ class Engine:
         if req.stop_checker is not None and req.stop_checker(req.output_ids):
             return "stop"
         if p.stop and self.tokenizer is not None:
-            text = self._detok(req)
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
             if any(s in text for s in p.stop):
                 return "stop"
         if n >= p.max_new_tokens:
