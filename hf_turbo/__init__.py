@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hf_turbo.api import accelerate, get_engine, is_accelerated, restore
 from hf_turbo.config import CacheConfig, TurboConfig
+from hf_turbo.engine.async_engine import AsyncEngine, EngineOverloaded, StreamOutput
 from hf_turbo.engine.engine import Engine
 from hf_turbo.engine.request import RequestOutput
 from hf_turbo.patches.attention import register as _register
@@ -17,7 +18,8 @@ from hf_turbo.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["accelerate", "restore", "is_accelerated", "get_engine", "Engine", "SamplingParams",
+__all__ = ["accelerate", "restore", "is_accelerated", "get_engine", "Engine", "AsyncEngine", "StreamOutput",
+           "EngineOverloaded", "SamplingParams",
            "RequestOutput", "TurboConfig", "CacheConfig", "__version__"]
 
 _register()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hf_turbo.bench import turbo_paths  # noqa: F401  (registers hf_turbo's paths)
 from hf_turbo.bench.ceilings import machine_info, measure_ceilings, model_matmul_params
 from hf_turbo.bench.paths import (
     PATHS,
@@ -27,7 +28,6 @@ from hf_turbo.bench.paths import (
     baseline_path,
     register_path,
 )
-from hf_turbo.bench import turbo_paths  # noqa: F401  (registers hf_turbo's paths)
 from hf_turbo.bench.report import FLOP_NOTE, add_derived, format_table, plot, write_json
 from hf_turbo.bench.workloads import WORKLOAD_NAMES, Workload, build_workloads
 

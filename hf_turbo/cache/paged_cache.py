@@ -32,6 +32,7 @@ class ForwardContext:
     context_lens: torch.Tensor  # [S] int32, cached + new tokens per sequence
     block_tables: torch.Tensor  # [S, max_blocks] int32
     max_seqlen_q: int
+    max_context_len: int
     backend: str = "auto"
 
 

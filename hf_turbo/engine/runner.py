@@ -71,6 +71,7 @@ class ModelRunner:
             context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
             max_seqlen_q=max_q,
+            max_context_len=max(ctx_lens),
             backend=self.backend,
         )
         self.cache.ctx = ctx

@@ -51,7 +51,8 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     q = query[0].transpose(0, 1).contiguous()
     out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                           scale=scaling, sliding_window=sliding_window, softcap=softcap,
-                          max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend)
+                          max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
+                          max_context_len=ctx.max_context_len)
     return out.unsqueeze(0), None
 
 

@@ -1,0 +1,250 @@
+"""Pure-torch attention: the CPU execution path and the oracle the Triton kernels are tested against.
+
+Semantics shared with the kernels (see ``hf_turbo.kernels``): query j of a sequence with q_len new
+tokens and k_len keys sits at position p = k_len - q_len + j (bottom-right aligned) and attends keys
+k <= p, and k > p - W with a sliding window W. Scores are ``scale * q.k``, then ``c * tanh(s / c)``
+with a softcap c. Query head h reads KV head h // (H_q // H_kv).
+
+Batch invariance: each sequence's output is computed from that sequence's tensors only, by a code
+path chosen from that sequence's own q_len and context length, so a sequence gives bitwise the
+same output alone or inside any batch. Decode sequences (q_len == 1, no softcap) are batched into
+one ``scaled_dot_product_attention`` call per length bucket: keys are padded (masked) up to a bucket
+length that depends only on the sequence's own context, and SDPA computes each (batch, head) item
+independently. Everything else runs one SDPA call per sequence (one manual softmax per sequence
+with a softcap).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["store_kv_ref", "paged_attention_ref", "flash_attention_varlen_ref"]
+
+# Score elements per chunk in the manual (softcap) path: bounds memory for long prefills.
+_SOFTCAP_CHUNK_ELEMS = 1 << 24
+
+
+def store_kv_ref(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """k_cache.view(-1, H_kv, D)[slot] = key (and likewise for value); slot -1 is skipped."""
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[keep], value[keep]
+    h, d = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, h, d)[slots] = key
+    v_cache.view(-1, h, d)[slots] = value
+
+
+def _bucket_len(n: int) -> int:
+    """Padded key length for a decode sequence with n keys: <= 25% padding, few distinct buckets."""
+    if n <= 16:
+        return 16
+    step = 1 << max(4, (n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
+def _fold_group(q: Tensor, h_kv: int) -> Tensor:
+    """[Lq, H_q, D] -> [H_kv, g * Lq, D]: queries sharing a KV head become rows of one matrix."""
+    lq, h_q, d = q.shape
+    return q.view(lq, h_kv, h_q // h_kv, d).permute(1, 2, 0, 3).reshape(h_kv, -1, d)
+
+
+def _unfold_group(o: Tensor, lq: int) -> Tensor:
+    """[H_kv, g * Lq, D] -> [Lq, H_q, D]."""
+    h_kv, _, d = o.shape
+    return o.view(h_kv, -1, lq, d).permute(2, 0, 1, 3).reshape(lq, -1, d)
+
+
+def _softcap_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float) -> Tensor:
+    """Manual softmax(c * tanh(scale * q k^T / c)) v. q: [Lq, H_q, D]; k, v: [Lk, H_kv, D]."""
+    lq, lk, h_kv = q.shape[0], k.shape[0], k.shape[1]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qf = _fold_group(q, h_kv).to(ct)  # [H_kv, g*Lq, D]
+    kt = k.transpose(0, 1).to(ct).transpose(1, 2)  # [H_kv, D, Lk]
+    vf = v.transpose(0, 1).to(ct)  # [H_kv, Lk, D]
+    rows = qf.shape[1]
+    if mask is not None:
+        mask = mask.repeat(rows // lq, 1)  # [g*Lq, Lk]
+    out = torch.empty_like(qf)
+    chunk = max(1, _SOFTCAP_CHUNK_ELEMS // max(1, h_kv * lk))
+    for r0 in range(0, rows, chunk):
+        s = torch.matmul(qf[:, r0 : r0 + chunk], kt) * scale
+        s = softcap * torch.tanh(s / softcap)
+        if mask is not None:
+            s = s.masked_fill(~mask[r0 : r0 + chunk], float("-inf"))
+        out[:, r0 : r0 + chunk] = torch.matmul(torch.softmax(s, dim=-1), vf)
+    return _unfold_group(out, lq).to(q.dtype)
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_pos0: int,
+    k_pos0: int,
+    *,
+    scale: float,
+    causal: bool,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> Tensor:
+    """One sequence. q: [Lq, H_q, D] at positions q_pos0 + j; k, v: [Lk, H_kv, D] at k_pos0 + i.
+
+    Returns [Lq, H_q, D] in q's dtype.
+    """
+    lq, h_q, _ = q.shape
+    lk, h_kv = k.shape[0], k.shape[1]
+    mask = None  # [Lq, Lk] bool, True = attend
+    is_causal = False
+    if causal:
+        q_last = q_pos0 + lq - 1
+        all_visible = k_pos0 + lk - 1 <= q_pos0 and (sliding_window is None or k_pos0 > q_last - sliding_window)
+        if not all_visible:
+            if sliding_window is None and softcap is None and lq == lk and q_pos0 == k_pos0:
+                is_causal = True
+            else:
+                qp = torch.arange(q_pos0, q_pos0 + lq, device=q.device)[:, None]
+                kp = torch.arange(k_pos0, k_pos0 + lk, device=q.device)[None, :]
+                mask = kp <= qp
+                if sliding_window is not None:
+                    mask &= kp > qp - sliding_window
+    if softcap is not None:
+        return _softcap_attention(q, k, v, mask, scale, softcap)
+    if is_causal:
+        g = h_q // h_kv
+        if g > 1:
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale
+        )  # [1, H_q, Lq, D]
+        return o[0].transpose(0, 1)
+    if mask is not None:
+        mask = mask.repeat(h_q // h_kv, 1)  # [g*Lq, Lk]
+    o = F.scaled_dot_product_attention(
+        _fold_group(q, h_kv)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=scale
+    )  # [1, H_kv, g*Lq, D]
+    return _unfold_group(o[0], lq)
+
+
+def _gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tensor:
+    """Keys at positions [start, end) of one sequence from its blocks -> [end - start, H_kv, D]."""
+    bs = cache.shape[1]
+    b0, b1 = start // bs, -(-end // bs)
+    blocks = cache[table_row[b0:b1].long()]  # [b1 - b0, bs, H_kv, D]
+    return blocks.flatten(0, 1)[start - b0 * bs : end - b0 * bs]
+
+
+def _decode_bucketed(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    decode: list[tuple[int, int, int, int]],
+    block_tables: Tensor,
+    scale: float,
+    out: Tensor,
+) -> None:
+    """q_len == 1 sequences, given as (seq, first key, number of keys, q row): one SDPA call per
+    bucket of padded key length."""
+    _, bs, h_kv, d = k_cache.shape
+    h_q = q.shape[1]
+    k_flat, v_flat = k_cache.view(-1, h_kv, d), v_cache.view(-1, h_kv, d)
+    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
+    for item in decode:
+        buckets.setdefault(_bucket_len(item[2]), []).append(item)
+    dev = q.device
+    for lb, members in buckets.items():
+        sel, start_t, len_t, rows = torch.tensor(members, device=dev).unbind(1)  # each [nb]
+        ar = torch.arange(lb, device=dev)
+        # pos: [nb, lb]; padding re-reads the last real key (finite), then is masked out
+        pos = start_t[:, None] + torch.minimum(ar[None, :], len_t[:, None] - 1)
+        slots = block_tables[sel].long().gather(1, pos // bs) * bs + pos % bs
+        kb = k_flat[slots].transpose(1, 2)  # [nb, H_kv, lb, D]
+        vb = v_flat[slots].transpose(1, 2)
+        mask = (ar[None, :] < len_t[:, None])[:, None, None, :]  # [nb, 1, 1, lb]
+        qb = q[rows].view(len(members), h_kv, h_q // h_kv, d)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [nb, H_kv, g, D]
+        out[rows] = o.reshape(len(members), h_q, d)
+
+
+def paged_attention_ref(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cu_seqlens_q: Tensor,
+    context_lens: Tensor,
+    block_tables: Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Causal attention of packed queries over a paged KV cache. q: [T, H_q, D] -> [T, H_q, D].
+
+    Per-sequence path: q_len == 1 without softcap -> bucketed batched SDPA; otherwise one SDPA call
+    (or manual softmax with softcap) on that sequence's keys gathered from its blocks. With a
+    sliding window only the keys inside the window are gathered.
+    """
+    out = torch.empty_like(q) if out is None else out
+    if q.shape[0] == 0:
+        return out
+    cu, ctx = cu_seqlens_q.tolist(), context_lens.tolist()
+    decode: list[tuple[int, int, int, int]] = []  # (seq, first key, number of keys, q row)
+    for s, length in enumerate(ctx):
+        q0, q1 = cu[s], cu[s + 1]
+        q_pos0 = length - (q1 - q0)
+        start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0
+        if q1 - q0 == 1 and softcap is None:
+            decode.append((s, start, length - start, q0))
+            continue
+        if q1 == q0:
+            continue
+        k = _gather_keys(k_cache, block_tables[s], start, length)
+        v = _gather_keys(v_cache, block_tables[s], start, length)
+        out[q0:q1] = _attend(
+            q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
+        )
+    if decode:
+        _decode_bucketed(q, k_cache, v_cache, decode, block_tables, scale, out)
+    return out
+
+
+def flash_attention_varlen_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Attention over contiguous packed sequences, one SDPA call per sequence.
+
+    q: [T_q, H_q, D], k/v: [T_k, H_kv, D] -> [T_q, H_q, D]; causal is bottom-right aligned.
+    """
+    out = torch.empty_like(q) if out is None else out
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
+        if q1 == q0:
+            continue
+        q_pos0 = (k1 - k0) - (q1 - q0)
+        start = max(0, q_pos0 - sliding_window + 1) if (causal and sliding_window is not None) else 0
+        out[q0:q1] = _attend(
+            q[q0:q1],
+            k[k0 + start : k1],
+            v[k0 + start : k1],
+            q_pos0,
+            start,
+            scale=scale,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+    return out
