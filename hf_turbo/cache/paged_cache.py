@@ -9,7 +9,7 @@ reads each sequence's whole context from the pools through its block table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache
@@ -34,6 +34,7 @@ class ForwardContext:
     max_seqlen_q: int
     max_context_len: int
     backend: str = "auto"
+    plan_cache: dict = field(default_factory=dict)  # per-forward metadata shared by all layers
 
 
 def kv_layout(config) -> tuple[int, int, int]:

@@ -21,9 +21,11 @@ alone or in any batch (per backend). Paged attention routes q_len == 1 sequences
 decode kernel (partitions of 512 positions, so the split count depends only on that sequence's
 context length) and all other sequences to the unified kernel; a mixed batch launches both.
 
-Validation: shape/dtype/stride checks always run and raise ValueError before any launch.
-``validate=True`` (default) also checks the metadata values (cu_seqlens, context_lens vs
-block_tables capacity, block ids) with one device->host sync; pass ``validate=False`` on the hot path.
+Validation: with ``validate=True`` (default) shape/dtype/stride checks raise ValueError before any
+launch, and the metadata values (cu_seqlens, context_lens vs block_tables capacity, block ids) are
+checked with one device->host sync. The Triton wrappers always run the shape checks (they are free
+next to a launch); ``validate=False`` skips the value checks there and every check on the CPU
+reference path: the engine's hot path, whose metadata it builds itself.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def paged_attention(
     backend: str = "auto",
     validate: bool = True,
     max_context_len: int | None = None,
+    plan_cache: dict | None = None,
 ) -> Tensor:
     """Causal attention of packed new tokens over the paged KV cache -> [T, H_q, D] in q's dtype.
 
@@ -96,21 +99,22 @@ def paged_attention(
     """
     del max_seqlen_q
     if _use_triton(backend, q):
+        del plan_cache  # the Triton path reads metadata on the device: nothing to share
         return _paged_triton.paged_attention_triton(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
             sliding_window=sliding_window, softcap=softcap, out=out, validate=validate,
             max_context_len=max_context_len,
         )
-    _validate.check_paged_attention(
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out
-    )
     if validate:
+        _validate.check_paged_attention(
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out
+        )
         _validate.check_paged_values(
             cu_seqlens_q, context_lens, block_tables, q.shape[0], k_cache.shape[1], k_cache.shape[0]
         )
     return paged_attention_ref(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, out=out,
+        sliding_window=sliding_window, softcap=softcap, out=out, plan_cache=plan_cache,
     )
 
 

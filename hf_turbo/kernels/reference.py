@@ -136,36 +136,46 @@ def _gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tens
     return blocks.flatten(0, 1)[start - b0 * bs : end - b0 * bs]
 
 
+def _decode_plan(
+    decode: list[tuple[int, int, int, int]], block_tables: Tensor, block_size: int, device: torch.device
+) -> list[tuple[Tensor, Tensor, Tensor, int]]:
+    """Per bucket of padded key length: (slots [nb, lb], mask [nb, 1, 1, lb], q rows [nb], nb).
+
+    Depends only on the forward's metadata, so one plan serves every layer of a forward.
+    """
+    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
+    for item in decode:
+        buckets.setdefault(_bucket_len(item[2]), []).append(item)
+    plan = []
+    for lb, members in buckets.items():
+        sel, start_t, len_t, rows = torch.tensor(members, device=device).unbind(1)  # each [nb]
+        ar = torch.arange(lb, device=device)
+        # pos: [nb, lb]; padding re-reads the last real key (finite), then is masked out
+        pos = start_t[:, None] + torch.minimum(ar[None, :], len_t[:, None] - 1)
+        slots = block_tables[sel].long().gather(1, pos // block_size) * block_size + pos % block_size
+        mask = (ar[None, :] < len_t[:, None])[:, None, None, :]  # [nb, 1, 1, lb]
+        plan.append((slots, mask, rows, len(members)))
+    return plan
+
+
 def _decode_bucketed(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    decode: list[tuple[int, int, int, int]],
-    block_tables: Tensor,
+    plan: list[tuple[Tensor, Tensor, Tensor, int]],
     scale: float,
     out: Tensor,
 ) -> None:
-    """q_len == 1 sequences, given as (seq, first key, number of keys, q row): one SDPA call per
-    bucket of padded key length."""
-    _, bs, h_kv, d = k_cache.shape
+    """q_len == 1 sequences: one SDPA call per bucket of padded key length (see _decode_plan)."""
+    _, _, h_kv, d = k_cache.shape
     h_q = q.shape[1]
     k_flat, v_flat = k_cache.view(-1, h_kv, d), v_cache.view(-1, h_kv, d)
-    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
-    for item in decode:
-        buckets.setdefault(_bucket_len(item[2]), []).append(item)
-    dev = q.device
-    for lb, members in buckets.items():
-        sel, start_t, len_t, rows = torch.tensor(members, device=dev).unbind(1)  # each [nb]
-        ar = torch.arange(lb, device=dev)
-        # pos: [nb, lb]; padding re-reads the last real key (finite), then is masked out
-        pos = start_t[:, None] + torch.minimum(ar[None, :], len_t[:, None] - 1)
-        slots = block_tables[sel].long().gather(1, pos // bs) * bs + pos % bs
+    for slots, mask, rows, nb in plan:
         kb = k_flat[slots].transpose(1, 2)  # [nb, H_kv, lb, D]
         vb = v_flat[slots].transpose(1, 2)
-        mask = (ar[None, :] < len_t[:, None])[:, None, None, :]  # [nb, 1, 1, lb]
-        qb = q[rows].view(len(members), h_kv, h_q // h_kv, d)
+        qb = q[rows].view(nb, h_kv, h_q // h_kv, d)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [nb, H_kv, g, D]
-        out[rows] = o.reshape(len(members), h_q, d)
+        out[rows] = o.reshape(nb, h_q, d)
 
 
 def paged_attention_ref(
@@ -180,8 +190,13 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     softcap: float | None = None,
     out: Tensor | None = None,
+    plan_cache: dict | None = None,
 ) -> Tensor:
     """Causal attention of packed queries over a paged KV cache. q: [T, H_q, D] -> [T, H_q, D].
+
+    ``plan_cache``: a dict that lives for one forward (the engine's ForwardContext holds it); the
+    per-forward metadata (host copies of cu_seqlens/context_lens and the decode gather plan) is
+    computed by the first layer and reused by the others.
 
     Per-sequence path: q_len == 1 without softcap -> bucketed batched SDPA; otherwise one SDPA call
     (or manual softmax with softcap) on that sequence's keys gathered from its blocks. With a
@@ -190,14 +205,19 @@ def paged_attention_ref(
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0:
         return out
-    cu, ctx = cu_seqlens_q.tolist(), context_lens.tolist()
+    key = ("paged", sliding_window, softcap is None)
+    if plan_cache is not None and key in plan_cache:
+        cu, ctx, plan = plan_cache[key]
+    else:
+        cu, ctx, plan = cu_seqlens_q.tolist(), context_lens.tolist(), None
     decode: list[tuple[int, int, int, int]] = []  # (seq, first key, number of keys, q row)
     for s, length in enumerate(ctx):
         q0, q1 = cu[s], cu[s + 1]
         q_pos0 = length - (q1 - q0)
         start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0
         if q1 - q0 == 1 and softcap is None:
-            decode.append((s, start, length - start, q0))
+            if plan is None:
+                decode.append((s, start, length - start, q0))
             continue
         if q1 == q0:
             continue
@@ -206,8 +226,12 @@ def paged_attention_ref(
         out[q0:q1] = _attend(
             q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
         )
-    if decode:
-        _decode_bucketed(q, k_cache, v_cache, decode, block_tables, scale, out)
+    if plan is None:
+        plan = _decode_plan(decode, block_tables, k_cache.shape[1], q.device) if decode else []
+        if plan_cache is not None:
+            plan_cache[key] = (cu, ctx, plan)
+    if plan:
+        _decode_bucketed(q, k_cache, v_cache, plan, scale, out)
     return out
 
 

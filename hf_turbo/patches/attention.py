@@ -52,7 +52,7 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                           scale=scaling, sliding_window=sliding_window, softcap=softcap,
                           max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
-                          max_context_len=ctx.max_context_len)
+                          max_context_len=ctx.max_context_len, plan_cache=ctx.plan_cache)
     return out.unsqueeze(0), None
 
 
