@@ -4,7 +4,10 @@ What ``accelerate`` changes, all listed here and all undone by ``restore``:
 1. the model's attention implementation (config ``_attn_implementation`` of the model and its
    sub-configs) becomes "hf_turbo";
 2. ``model.generate`` becomes an instance attribute wrapping the class's generate;
-3. ``model._hf_turbo`` holds the state (original attention, config, the lazily built Engine).
+3. ``model._hf_turbo`` holds the state (original attention, config, the lazily built Engine);
+4. ``TextGenerationPipeline.get_iterator`` is wrapped (class level, while any model is accelerated)
+   so a pipeline over an accelerated model runs a list of inputs as one engine batch; it passes
+   through for other models and is unwrapped when the last accelerated model is restored.
 No parameter, buffer or module is touched, so ``state_dict`` never changes.
 """
 
@@ -84,6 +87,7 @@ def accelerate(model, config: TurboConfig | None = None, **overrides):
     register()
     cfg = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
     from hf_turbo.patches.generate import make_generate
+    from hf_turbo.patches.pipeline import install as install_pipeline_patch
 
     original_attn = model.config._attn_implementation
     state = _TurboState(original_attn=original_attn, config=cfg,
@@ -93,6 +97,7 @@ def accelerate(model, config: TurboConfig | None = None, **overrides):
     model.set_attn_implementation(ATTN_NAME)
     setattr(model, _STATE_ATTR, state)
     model.generate = make_generate(model)
+    install_pipeline_patch(model)
     logger.info("hf_turbo: accelerated %s (was attn_implementation=%r)", type(model).__name__, original_attn)
     return model
 
@@ -102,11 +107,18 @@ def restore(model):
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError(f"model {type(model).__name__} is not accelerated by hf_turbo: nothing to restore")
+    from hf_turbo.patches.pipeline import uninstall as uninstall_pipeline_patch
+
     model.set_attn_implementation(state.original_attn)
     del model.generate
     if state.had_generate_attr:
         model.generate = state.extras["generate"]
     delattr(model, _STATE_ATTR)
+    uninstall_pipeline_patch(model)
+    # engines give a draft model (speculative decoding) its own attention back
+    for engine in [state.engine, *state.extras.pop("spec_engines", {}).values()]:
+        if engine is not None:
+            engine.close()
     state.engine = None
     return model
 

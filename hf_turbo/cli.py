@@ -1,4 +1,4 @@
-"""The ``hf-turbo`` command: ``demo``, ``bench`` (and later ``eval``, ``serve``)."""
+"""The ``hf-turbo`` command: ``demo``, ``bench``, ``serve`` and ``eval``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     from hf_turbo import __version__, bench, demo
+    from hf_turbo import eval as eval_cmd
+    from hf_turbo.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(
         prog="hf-turbo",
@@ -28,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(bench.__doc__ or "").strip().splitlines()[0] if bench.__doc__ else None)
     bench.add_arguments(p)
     p.set_defaults(func=bench.run)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the 'serve' extra)",
+                       description=(serve_cli.__doc__ or "").strip().splitlines()[0])
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.run)
+    p = sub.add_parser("eval", help="check the exactness contract across axes, dtypes and architectures",
+                       description=(eval_cmd.__doc__ or "").strip().splitlines()[0])
+    eval_cmd.add_arguments(p)
+    p.set_defaults(func=eval_cmd.run)
     return parser
 
 

@@ -1,12 +1,15 @@
-"""Frozen, validated configuration: TurboConfig (engine), CacheConfig (paged KV cache)."""
+"""Frozen, validated configuration: TurboConfig (engine), CacheConfig (paged KV cache),
+SpeculativeConfig (speculative decoding)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["CacheConfig", "TurboConfig"]
+__all__ = ["CacheConfig", "SpeculativeConfig", "TurboConfig"]
 
 _BACKENDS = ("auto", "triton", "reference")
+_SPEC_METHODS = ("draft", "ngram")
 
 
 @dataclass(frozen=True)
@@ -35,12 +38,56 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses up to ``num_tokens`` tokens, one target forward checks them.
+
+    ``method="draft"`` runs ``draft_model`` (an HF causal LM with the target's vocabulary; its
+    ``draft_tokenizer``, when given, must equal the target's); ``method="ngram"`` looks the last
+    ``ngram_max``..``ngram_min`` tokens up in the request's own earlier tokens (prompt lookup).
+    With ``adaptive`` each request's k follows its measured acceptance (down to not proposing at
+    all); speculation pauses while more than ``max_batch_for_spec`` requests run, where decode
+    stops being memory-bound and extra verified tokens are no longer free. Output never changes.
+    """
+
+    method: str = "ngram"
+    draft_model: Any = field(default=None, repr=False, compare=False)
+    num_tokens: int = 4
+    ngram_max: int = 3
+    ngram_min: int = 1
+    adaptive: bool = True
+    max_batch_for_spec: int = 32
+    draft_tokenizer: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"SpeculativeConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        if self.method not in _SPEC_METHODS:
+            bad("method", f"must be one of {_SPEC_METHODS}")
+        if self.method == "draft" and self.draft_model is None:
+            raise ValueError('SpeculativeConfig.draft_model is required for method="draft"')
+        if not _is_int(self.num_tokens) or self.num_tokens < 1:
+            bad("num_tokens", "must be an integer >= 1")
+        if not _is_int(self.ngram_min) or self.ngram_min < 1:
+            bad("ngram_min", "must be an integer >= 1")
+        if not _is_int(self.ngram_max) or self.ngram_max < self.ngram_min:
+            bad("ngram_max", f"must be an integer >= ngram_min ({self.ngram_min})")
+        if not _is_int(self.max_batch_for_spec) or self.max_batch_for_spec < 1:
+            bad("max_batch_for_spec", "must be an integer >= 1")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
 class TurboConfig:
     """Engine configuration.
 
     ``max_num_batched_tokens`` is the token budget of one step (decode tokens plus prefill
     chunks); prompts longer than it are prefilled in chunks. ``max_num_seqs`` caps the running
-    batch. ``debug_checks`` runs the block-pool invariant check after every step.
+    batch. ``debug_checks`` runs the block-pool invariant check after every step. ``speculative``
+    turns on speculative decoding (per request it still obeys ``SamplingParams.speculative``).
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -50,6 +97,7 @@ class TurboConfig:
     max_waiting: int | None = None
     backend: str = "auto"
     debug_checks: bool = False
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, CacheConfig):
@@ -64,6 +112,9 @@ class TurboConfig:
             raise ValueError(f"TurboConfig.max_waiting must be an integer >= 1 or None, got {self.max_waiting!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"TurboConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"TurboConfig.speculative must be a SpeculativeConfig or None, "
+                             f"got {type(self.speculative).__name__}")
 
     def replace(self, **overrides) -> TurboConfig:
         """A copy with fields replaced; ``block_size=``/``num_blocks=``/... go to the cache config."""

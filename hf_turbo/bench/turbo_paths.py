@@ -6,14 +6,19 @@ run stock; the engine (and its prefix cache) is built fresh per run, before the 
 
 from __future__ import annotations
 
+import functools
 from time import perf_counter
 
 import hf_turbo
-from hf_turbo.bench.paths import BenchContext, PathResult, _bar, register_path
+from hf_turbo.bench.paths import BenchContext, PathResult, PathUnavailable, _bar, register_path
 from hf_turbo.bench.workloads import Workload
+from hf_turbo.config import SpeculativeConfig
 from hf_turbo.sampling import SamplingParams
 
-__all__ = ["turbo_sequential", "turbo_padded", "turbo_engine", "turbo_engine_no_prefix_cache"]
+__all__ = ["turbo_sequential", "turbo_padded", "turbo_engine", "turbo_engine_no_prefix_cache", "turbo_spec_draft",
+           "turbo_spec_ngram", "spec_engine_run"]
+
+SPEC_TOKENS = 4  # k of the speculative paths (the adaptive k stays at or below it)
 
 
 def turbo_sequential(ctx: BenchContext, workload: Workload) -> PathResult:
@@ -54,9 +59,10 @@ def turbo_padded(ctx: BenchContext, workload: Workload) -> PathResult:
     return result
 
 
-def _engine_run(ctx: BenchContext, workload: Workload, prefix_caching: bool) -> PathResult:
+def _engine_run(ctx: BenchContext, workload: Workload, prefix_caching: bool,
+                speculative: SpeculativeConfig | None = None) -> PathResult:
     model = ctx.model
-    hf_turbo.accelerate(model, enable_prefix_caching=prefix_caching)
+    hf_turbo.accelerate(model, enable_prefix_caching=prefix_caching, speculative=speculative)
     try:
         engine = hf_turbo.get_engine(model)
         params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in workload.output_lens]
@@ -66,11 +72,16 @@ def _engine_run(ctx: BenchContext, workload: Workload, prefix_caching: bool) -> 
         seconds = perf_counter() - start
         stats = engine.stats()
     finally:
-        hf_turbo.restore(model)
+        hf_turbo.restore(model)  # closes the engine: a draft model gets its own attention back
     cached = sum(o.num_cached_tokens for o in outs)
     processed = sum(len(p) for p in workload.prompts) + sum(workload.output_lens) - cached
     extra = {"steps": stats["steps"], "preemptions": stats["preemptions"], "cached_prompt_tokens": cached,
              "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"]}
+    if speculative is not None:
+        extra.update({k: stats[k] for k in ("spec_proposed", "spec_accepted", "acceptance_rate",
+                                             "mean_accepted_per_step", "spec_verify_steps",
+                                             "spec_position_acceptance")},
+                     spec_method=speculative.method, spec_k=speculative.num_tokens, spec_adaptive=speculative.adaptive)
     return PathResult([o.token_ids for o in outs], seconds, processed, extra=extra)
 
 
@@ -84,7 +95,44 @@ def turbo_engine_no_prefix_cache(ctx: BenchContext, workload: Workload) -> PathR
     return _engine_run(ctx, workload, prefix_caching=False)
 
 
+def spec_engine_run(ctx: BenchContext, workload: Workload, method: str, k: int = SPEC_TOKENS,
+                    adaptive: bool = True) -> PathResult:
+    """The engine with speculative decoding; ``extra`` carries its acceptance figures."""
+    draft = _fixture_draft(ctx) if method == "draft" else None
+    spec = SpeculativeConfig(method, draft_model=draft, num_tokens=k, adaptive=adaptive)
+    return _engine_run(ctx, workload, prefix_caching=True, speculative=spec)
+
+
+@functools.cache
+def _load_draft(device, dtype):
+    from transformers import AutoModelForCausalLM
+
+    from hf_turbo.testing import fixture_path
+
+    return AutoModelForCausalLM.from_pretrained(fixture_path("draft"), dtype=dtype).to(device).eval()
+
+
+def _fixture_draft(ctx: BenchContext):
+    draft = _load_draft(ctx.device, ctx.dtype)
+    vocab, target_vocab = draft.config.vocab_size, ctx.model.get_output_embeddings().weight.shape[0]
+    if vocab != target_vocab:
+        raise PathUnavailable(f"the fixture draft's vocabulary ({vocab}) is not the model's ({target_vocab})")
+    return draft
+
+
+def turbo_spec_draft(ctx: BenchContext, workload: Workload) -> PathResult:
+    """The engine with the fixture draft model proposing (k <= 4, adaptive)."""
+    return spec_engine_run(ctx, workload, "draft")
+
+
+def turbo_spec_ngram(ctx: BenchContext, workload: Workload) -> PathResult:
+    """The engine with n-gram prompt lookup proposing (k <= 4, adaptive)."""
+    return spec_engine_run(ctx, workload, "ngram")
+
+
 register_path("turbo_sequential", turbo_sequential)
 register_path("turbo_padded", turbo_padded)
 register_path("turbo_engine", turbo_engine)
 register_path("turbo_engine_nopc", turbo_engine_no_prefix_cache)
+register_path("turbo_spec_draft", turbo_spec_draft)
+register_path("turbo_spec_ngram", turbo_spec_ngram)

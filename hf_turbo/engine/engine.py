@@ -22,6 +22,8 @@ from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
 from hf_turbo.sampling import RowState, SamplingParams, random_seed, sample
+from hf_turbo.spec.decoder import SpecDecoder
+from hf_turbo.spec.proposers import validate_draft
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +32,17 @@ __all__ = ["Engine", "num_kv_blocks"]
 PromptType = str | Sequence[int]
 
 
-def num_kv_blocks(model, config: TurboConfig) -> int:
-    """Blocks the KV budget affords: explicit, a fraction of free CUDA memory, or a CPU byte budget."""
+def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) -> int:
+    """Blocks the KV budget affords: explicit, a fraction of free CUDA memory, or a CPU byte budget.
+
+    ``extra_bytes_per_block``: memory that goes with each block elsewhere (a draft model's own
+    pool of the same block count), so both fit the one budget.
+    """
     cc = config.cache
     if cc.num_blocks is not None:
         return cc.num_blocks
     dtype = next(model.parameters()).dtype
-    per_block = PagedKVCache.bytes_per_block(model.config, cc.block_size, dtype)
+    per_block = PagedKVCache.bytes_per_block(model.config, cc.block_size, dtype) + extra_bytes_per_block
     device = next(model.parameters()).device
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -74,6 +80,10 @@ class Engine:
         from hf_turbo.api import _ensure_turbo_attention
 
         config = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
+        spec = config.speculative
+        draft = spec.draft_model if spec is not None and spec.method == "draft" else None
+        if draft is not None:  # before anything is patched or allocated
+            validate_draft(draft, model, spec.draft_tokenizer, tokenizer)
         _ensure_turbo_attention(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -84,13 +94,16 @@ class Engine:
             is not None else model.config.vocab_size
         self.max_model_len = config.max_model_len or _model_max_len(model)
         self.eos_ids = _eos_ids(model)
-        nblocks = num_kv_blocks(model, config)
+        draft_bytes = 0 if draft is None else PagedKVCache.bytes_per_block(draft.config, config.cache.block_size,
+                                                                           next(draft.parameters()).dtype)
+        nblocks = num_kv_blocks(model, config, draft_bytes)
         num_layers = model.config.get_text_config().num_hidden_layers
         self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device)
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
         self.runner = ModelRunner(model, self.cache, config.backend)
+        self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
@@ -161,7 +174,7 @@ class Engine:
             return None
         req.finish_reason = "abort"
         req.finish_time = time.perf_counter()
-        self.scheduler.finish(req, RequestStatus.ABORTED)
+        self._forget(req, RequestStatus.ABORTED)
         return req.to_output(self._detok(req))
 
     def has_unfinished(self) -> bool:
@@ -169,56 +182,102 @@ class Engine:
 
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward; returns outputs of requests that got tokens or finished."""
+        """Run one scheduled forward; returns outputs of requests that got tokens or finished.
+
+        With speculation, running requests first get proposals (``spec_tokens``) that the same
+        forward verifies; a request may then gain several tokens in one step (``hf_turbo.spec``).
+        """
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit the first waiting request (KV pool too small)")
             return []
+        # logits of a request whose chunk reaches its end: its last token and each proposal after it
+        rows = [list(range(n - 1 - len(req.spec_tokens), n))
+                if req.num_computed + n == req.num_tokens + len(req.spec_tokens) else []
+                for req, n in sched.scheduled]
+        start = time.perf_counter()
         try:
-            logits = self.runner.execute(sched.scheduled)
+            logits = self.runner.execute(sched.scheduled, rows)
         except Exception as exc:
             # fail the requests of this step; the engine keeps serving the rest
             for req, _ in sched.scheduled:
                 req.error = exc
                 req.finish_reason = "abort"
-                self.requests.pop(req.request_id, None)
-                self.scheduler.finish(req, RequestStatus.ABORTED)
+                self._forget(req, RequestStatus.ABORTED)
             raise
-        self.scheduler.commit(sched)
         self.num_steps += 1
-        sampled = [req for req, _ in sched.scheduled if req.num_computed == req.num_tokens]
+        sampled = [(i, req) for i, (req, _) in enumerate(sched.scheduled) if rows[i]]
+        if not sampled:
+            self.scheduler.commit(sched)
+            return self._after_step([])
+        # the target's choice at every row: position p + j of a request sees its proposals before j
+        states = [RowState(req.params, req.num_output_tokens + j, req.seed,
+                           req.token_ids + req.spec_tokens[:j] if req.params.needs_history else None, req.eos_ids)
+                  for i, req in sampled for j in range(len(rows[i]))]
+        tokens, scores = sample(logits, states, return_scores=True)
+        tokens = tokens.tolist()
+        if self.spec is not None:
+            self.spec.observe_step(sched.num_tokens, time.perf_counter() - start)
+        logp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for _, r in sampled) else None
+        now = time.perf_counter()
+        row = 0
+        for i, req in sampled:
+            k = len(req.spec_tokens)
+            choices = tokens[row:row + k + 1]
+            emit = self.spec.accept(req, choices) if k else choices
+            kept = self._append(req, emit, row, logits, scores, logp, now)
+            # keep the KV of the accepted tokens only: rejected proposals are recomputed over later
+            n = sched.scheduled[i][1]
+            sched.scheduled[i] = (req, n - k + min(len(emit) - 1, kept))
+            req.spec_tokens.clear()
+            row += k + 1
+        self.scheduler.commit(sched)  # hashes only accepted tokens into the prefix cache
         outputs = []
-        if sampled:
-            rows = [RowState(r.params, r.num_output_tokens, r.seed,
-                             r.token_ids if r.params.needs_history else None, r.eos_ids) for r in sampled]
-            tokens, scores = sample(logits, rows, return_scores=True)
-            tokens = tokens.tolist()
-            now = time.perf_counter()
-            logp = None
-            if any(r.params.logprobs is not None for r in sampled):
-                logp = torch.log_softmax(logits, dim=-1)
-            for i, (req, tok) in enumerate(zip(sampled, tokens)):
-                req.token_ids.append(tok)
-                self.num_generated_tokens += 1
-                if req.scores is not None:
-                    req.scores.append(scores[i].clone())
-                    req.raw_logits.append(logits[i].clone())
-                if req.first_token_time is None:
-                    req.first_token_time = now
-                if req.params.logprobs is not None:
-                    top = torch.topk(logp[i], req.params.logprobs) if req.params.logprobs else None
-                    entry = {tok: float(logp[i, tok])}
-                    if top is not None:
-                        entry.update(zip(top.indices.tolist(), top.values.tolist()))
-                    req.logprobs.append(entry)
-                reason = self._check_finish(req, tok)
-                if reason is not None:
-                    req.finish_reason = reason
-                    req.finish_time = now
-                    self.scheduler.finish(req, RequestStatus.FINISHED)
-                    self.requests.pop(req.request_id, None)
-                outputs.append(req.to_output(self._detok(req) if req.finish_reason else None))
+        for _, req in sampled:
+            if req.finish_reason is not None:
+                self._forget(req, RequestStatus.FINISHED)
+            elif self.spec is not None:
+                self.scheduler.trim(req)
+            outputs.append(req.to_output(self._detok(req) if req.finish_reason else None))
+        return self._after_step(outputs)
+
+    def _append(self, req: Request, tokens: list[int], row: int, logits: torch.Tensor, scores: torch.Tensor,
+                logp: torch.Tensor | None, now: float) -> int:
+        """Append ``tokens`` (``logits`` rows from ``row`` on) one by one, stopping at the first finish;
+        returns how many were appended."""
+        for j, tok in enumerate(tokens):
+            r = row + j
+            req.token_ids.append(tok)
+            self.num_generated_tokens += 1
+            if req.scores is not None:
+                req.scores.append(scores[r].clone())
+                req.raw_logits.append(logits[r].clone())
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.params.logprobs is not None:
+                top = torch.topk(logp[r], req.params.logprobs) if req.params.logprobs else None
+                entry = {tok: float(logp[r, tok])}
+                if top is not None:
+                    entry.update(zip(top.indices.tolist(), top.values.tolist()))
+                req.logprobs.append(entry)
+            reason = self._check_finish(req, tok)
+            if reason is not None:
+                req.finish_reason = reason
+                req.finish_time = now
+                return j + 1
+        return len(tokens)
+
+    def _forget(self, req: Request, status: RequestStatus) -> None:
+        """Drop a finished or failed request: its blocks, its id, its speculation state."""
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req, status)
+        if self.spec is not None:
+            self.spec.release(req)
+
+    def _after_step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         if self.config.debug_checks:
             self.check_invariants()
         return outputs
@@ -254,6 +313,16 @@ class Engine:
         owned = sum(len(r.block_ids) for r in self.scheduler.running)
         if owned < self.pool.num_used - 0 and not self.config.cache.enable_prefix_caching:
             raise AssertionError(f"{self.pool.num_used} blocks used but requests own {owned}")
+        for r in self.scheduler.running:
+            if len(r.block_ids) > -(-r.num_tokens // self.pool.block_size):
+                raise AssertionError(f"{r.request_id} holds {len(r.block_ids)} blocks for {r.num_tokens} tokens")
+        if self.spec is not None:
+            self.spec.check_invariants()
+
+    def close(self) -> None:
+        """Release what the engine holds outside itself (a draft model's attention switch)."""
+        if self.spec is not None:
+            self.spec.close()
 
     # -- offline --------------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -315,4 +384,5 @@ class Engine:
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "steps": self.num_steps,
             "generated_tokens": self.num_generated_tokens,
+            **(self.spec.stats() if self.spec is not None else SpecDecoder.idle_stats()),
         }

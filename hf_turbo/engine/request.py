@@ -50,7 +50,9 @@ class Request:
 
     Invariant while RUNNING: the KV of ``token_ids[:num_computed]`` is in ``block_ids``. A step
     computes ``token_ids[num_computed : num_computed + n]``; when that reaches ``len(token_ids)``
-    the step samples the next token.
+    the step samples the next token. ``spec_tokens`` are proposed tokens that one step computes
+    after ``token_ids`` to verify them; they live only within that step and never enter
+    ``token_ids`` (nor the prefix-cache hashes) unless accepted.
     """
 
     request_id: str
@@ -74,6 +76,7 @@ class Request:
     stop_checker: Callable[[list[int]], bool] | None = None  # extra stop rule on the output ids
     scores: list[torch.Tensor] | None = None  # processed scores per token (HF output_scores)
     raw_logits: list[torch.Tensor] | None = None  # raw logits per token (HF output_logits)
+    spec_tokens: list[int] = field(default_factory=list)  # proposals verified by this step (speculation)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -33,8 +33,9 @@ class ModelRunner:
         """Run the forward for ``scheduled`` [(request, n new tokens)].
 
         ``logit_rows[i]`` lists the offsets within sequence i's chunk whose logits are wanted
-        (default: the last token if the chunk reaches the end of the sequence). Returns float
-        logits [N, V] for all wanted positions in order.
+        (default: the last token if the chunk reaches the end of the sequence). A request's
+        ``spec_tokens`` are computed as if appended to its ``token_ids``. Returns float logits
+        [N, V] for all wanted positions in order.
         """
         bs = self.block_size
         ids: list[int] = []
@@ -49,6 +50,9 @@ class ModelRunner:
             start = req.num_computed
             end = start + n
             ids.extend(req.token_ids[start:end])
+            num_own = len(req.token_ids)
+            if end > num_own:  # proposed tokens under verification follow the request's own tokens
+                ids.extend(req.spec_tokens[max(start - num_own, 0):end - num_own])
             pos.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))

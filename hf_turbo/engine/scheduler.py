@@ -8,6 +8,13 @@ needs a block and none is free, the most recently arrived running request is pre
 are freed and it goes back to the front of the queue to be recomputed later, which gives the same
 output because sampling is keyed by position. With prefix caching, a newly admitted request first
 takes every cached full block of its prefix.
+
+Speculation: a running request's ``spec_tokens`` ride along in its chunk (verification). They are
+optional work: cut to fit the token budget, dropped rather than taking a block a later running
+request may need (so they never cause a preemption), and gone with the request's blocks when it is
+preempted. ``commit`` only ever sees accepted tokens (the engine shortens the chunk first), so
+prefix-cache hashes never cover a rejected one; ``trim`` then frees blocks that held only rejected
+slots.
 """
 
 from __future__ import annotations
@@ -70,6 +77,14 @@ class Scheduler:
         self.pool.free(reversed(req.block_ids))
         req.block_ids = []
         req.num_computed = 0
+        req.spec_tokens.clear()
+
+    def trim(self, req: Request) -> None:
+        """Free the blocks past ``req.num_tokens`` (they held only rejected speculative slots)."""
+        keep = -(-req.num_tokens // self.block_size)
+        if len(req.block_ids) > keep:
+            self.pool.free(reversed(req.block_ids[keep:]))
+            del req.block_ids[keep:]
 
     def _blocks_needed(self, req: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
@@ -91,8 +106,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.num_tokens + len(req.spec_tokens) - req.num_computed, budget)
+            del req.spec_tokens[max(n - (req.num_tokens - req.num_computed), 0):]  # what the budget left
             need = self._blocks_needed(req, req.num_computed + n)
+            # speculation is optional: it takes blocks only while every later running request can
+            # still get one, so it never causes a preemption
+            if req.spec_tokens and need > self.pool.num_free - (len(self.running) - i - 1):
+                n -= len(req.spec_tokens)
+                req.spec_tokens.clear()
+                need = self._blocks_needed(req, req.num_computed + n)
             while need > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)

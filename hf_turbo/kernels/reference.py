@@ -139,22 +139,27 @@ def _gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tens
 def _decode_plan(
     decode: list[tuple[int, int, int, int]], block_tables: Tensor, block_size: int, device: torch.device
 ) -> list[tuple[Tensor, Tensor, Tensor, int]]:
-    """Per bucket of padded key length: (slots [nb, lb], mask [nb, 1, 1, lb], q rows [nb], nb).
+    """Per bucket of padded key length: (block ids [nb, nblk], mask [nb, 1, 1, nblk * bs], q rows [nb], nb).
 
-    Depends only on the forward's metadata, so one plan serves every layer of a forward.
+    Whole blocks are gathered (one index per block, not per token): positions outside the
+    sequence's [first key, context) range, and repeated trailing blocks, are masked out. Depends only
+    on the forward's metadata, so one plan serves every layer of a forward.
     """
     buckets: dict[int, list[tuple[int, int, int, int]]] = {}
     for item in decode:
         buckets.setdefault(_bucket_len(item[2]), []).append(item)
+    bs = block_size
     plan = []
     for lb, members in buckets.items():
         sel, start_t, len_t, rows = torch.tensor(members, device=device).unbind(1)  # each [nb]
-        ar = torch.arange(lb, device=device)
-        # pos: [nb, lb]; padding re-reads the last real key (finite), then is masked out
-        pos = start_t[:, None] + torch.minimum(ar[None, :], len_t[:, None] - 1)
-        slots = block_tables[sel].long().gather(1, pos // block_size) * block_size + pos % block_size
-        mask = (ar[None, :] < len_t[:, None])[:, None, None, :]  # [nb, 1, 1, lb]
-        plan.append((slots, mask, rows, len(members)))
+        nblk = -(-lb // bs) + 1  # +1: the first key need not sit at a block start
+        b0 = start_t // bs
+        last = (start_t + len_t - 1) // bs  # last block holding a key
+        idx = torch.minimum(b0[:, None] + torch.arange(nblk, device=device)[None, :], last[:, None])
+        blocks = block_tables[sel].long().gather(1, idx)  # [nb, nblk]
+        pos = (b0 * bs)[:, None] + torch.arange(nblk * bs, device=device)[None, :]  # [nb, nblk*bs]
+        mask = (pos >= start_t[:, None]) & (pos < (start_t + len_t)[:, None])
+        plan.append((blocks, mask[:, None, None, :], rows, len(members)))
     return plan
 
 
@@ -167,12 +172,15 @@ def _decode_bucketed(
     out: Tensor,
 ) -> None:
     """q_len == 1 sequences: one SDPA call per bucket of padded key length (see _decode_plan)."""
-    _, _, h_kv, d = k_cache.shape
+    _, bs, h_kv, d = k_cache.shape
     h_q = q.shape[1]
-    k_flat, v_flat = k_cache.view(-1, h_kv, d), v_cache.view(-1, h_kv, d)
-    for slots, mask, rows, nb in plan:
-        kb = k_flat[slots].transpose(1, 2)  # [nb, H_kv, lb, D]
-        vb = v_flat[slots].transpose(1, 2)
+    for blocks, mask, rows, nb in plan:
+        # whole blocks via index_select (3x faster than a per-token gather on the CPU); slots outside
+        # the sequence are zeroed so that whatever they hold (stale or NaN) cannot leak through the mask
+        flat = blocks.view(-1)
+        outside = ~mask.view(nb, -1, 1, 1)  # [nb, nblk*bs, 1, 1]
+        kb = k_cache.index_select(0, flat).view(nb, -1, h_kv, d).masked_fill_(outside, 0).transpose(1, 2)
+        vb = v_cache.index_select(0, flat).view(nb, -1, h_kv, d).masked_fill_(outside, 0).transpose(1, 2)
         qb = q[rows].view(nb, h_kv, h_q // h_kv, d)
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [nb, H_kv, g, D]
         out[rows] = o.reshape(nb, h_q, d)

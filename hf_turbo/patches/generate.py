@@ -5,6 +5,10 @@ request holding only its real tokens, so no compute is spent on padding; the res
 exactly like stock's: the input as given, then each row's new tokens, rows that stopped early
 filled with ``pad_token_id``. Whatever the engine does not cover (beam search, custom logits
 processors, constraints, ...) goes to stock ``generate()`` with one log line naming the argument.
+
+``assistant_model=draft`` and ``prompt_lookup_num_tokens=k`` run on an engine with speculative
+decoding (``hf_turbo.spec``), batched, cached on the model per (method, draft, k); the output is
+the same as without them.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ _UNSUPPORTED_CONFIG = {
     "watermarking_config": None, "token_healing": False, "guidance_scale": None, "low_memory": None,
     "remove_invalid_values": False, "output_attentions": False, "output_hidden_states": False,
     "num_beam_groups": 1, "diversity_penalty": 0.0, "use_cache": True, "cache_implementation": None,
-    "assistant_early_exit": None, "prompt_lookup_num_tokens": None, "use_mtp": None,
+    "assistant_early_exit": None, "use_mtp": None,
 }
 # generate() keyword arguments the engine does not take -> fallback
 _UNSUPPORTED_KWARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                       "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
+                       "negative_prompt_ids", "negative_prompt_attention_mask",
                        "inputs_embeds", "past_key_values", "cache", "custom_generate", "assistant_tokenizer",
                        "token_type_ids", "use_model_defaults")
 _EMPTY_OK = ("logits_processor", "stopping_criteria")
@@ -99,6 +103,7 @@ def make_generate(model):
             return fallback(reason)
         for k in _UNSUPPORTED_KWARGS:
             kwargs.pop(k, None)
+        assistant = kwargs.pop("assistant_model", None)
         gen_config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
         model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
         if model_kwargs:
@@ -109,12 +114,46 @@ def make_generate(model):
         batch, width = input_ids.shape
         if streamer is not None and batch > 1:
             return fallback("streamer")
-        return _engine_generate(model, get_engine(model), input_ids, attention_mask, gen_config, streamer,
-                                tokenizer)
+        spec = _speculative_config(gen_config, assistant)
+        engine = get_engine(model) if spec is None else _spec_engine(model, spec)
+        return _engine_generate(model, engine, input_ids, attention_mask, gen_config, streamer, tokenizer)
 
     generate.__doc__ = ("hf_turbo-accelerated generate(): same arguments and outputs as stock "
                         "transformers generate().\n\n" + (stock_generate.__doc__ or ""))
     return generate
+
+
+# proposals per step when generate(assistant_model=...) does not set num_assistant_tokens (the adaptive k
+# goes below it where acceptance is low)
+_DEFAULT_ASSISTANT_TOKENS = 5
+_MAX_SPEC_ENGINES = 4
+
+
+def _speculative_config(gc, assistant):
+    """The SpeculativeConfig for ``assistant_model`` / ``prompt_lookup_num_tokens``, or None."""
+    from hf_turbo.config import SpeculativeConfig
+
+    if assistant is not None:
+        k = gc.num_assistant_tokens or _DEFAULT_ASSISTANT_TOKENS
+        return SpeculativeConfig("draft", draft_model=assistant, num_tokens=int(k))
+    if gc.prompt_lookup_num_tokens:
+        return SpeculativeConfig("ngram", num_tokens=int(gc.prompt_lookup_num_tokens),
+                                 ngram_max=int(gc.max_matching_ngram_size or 2))
+    return None
+
+
+def _spec_engine(model, spec):
+    """The model's engine for this speculation (built once per method, draft and k; closed by restore)."""
+    from hf_turbo.engine.engine import Engine
+
+    engines = model._hf_turbo.extras.setdefault("spec_engines", {})
+    key = (spec.method, id(spec.draft_model), spec.num_tokens, spec.ngram_max)
+    engine = engines.get(key)
+    if engine is None:
+        if len(engines) >= _MAX_SPEC_ENGINES:  # forget the oldest (and give its draft back)
+            engines.pop(next(iter(engines))).close()
+        engine = engines[key] = Engine(model, None, model._hf_turbo.config.replace(speculative=spec))
+    return engine
 
 
 class _stock_attention:
@@ -214,13 +253,15 @@ def _engine_generate(model, engine, input_ids, attention_mask, gc, streamer, tok
         streamer.put(input_ids.cpu())
     outs = {}
     pending = set(rids)
+    sent = 0  # tokens streamed (the streamer takes batch 1 only)
     try:
         while pending:
             for out in engine.step():
                 if out.request_id not in pending:
                     continue
-                if streamer is not None:
-                    streamer.put(torch.tensor([out.token_ids[-1]]))
+                if streamer is not None:  # a speculative step may bring several tokens
+                    streamer.put(torch.tensor(out.token_ids[sent:]))
+                    sent = len(out.token_ids)
                 if out.finished:
                     outs[out.request_id] = out
                     pending.discard(out.request_id)

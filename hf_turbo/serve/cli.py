@@ -1,0 +1,106 @@
+"""``hf-turbo serve``: an OpenAI-compatible HTTP server over one model (uvicorn + FastAPI).
+
+Weights load from safetensors only; repository code runs only with ``--trust-remote-code``. The
+default bind address is loopback; serving on another address without ``--api-key`` logs a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["add_arguments", "run", "build_app"]
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="fixture",
+                        help="local model dir, hub id, or 'fixture' (the built-in trained fixture; default)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients send as 'model' (default: the --model value)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--api-key", default=os.environ.get("HF_TURBO_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every route but /health "
+                             "(default: $HF_TURBO_API_KEY)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="token budget of one engine step (TurboConfig.max_num_batched_tokens)")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="cap on the running batch")
+    parser.add_argument("--max-waiting", type=int, default=None,
+                        help="waiting-queue bound; requests beyond it get HTTP 429")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized by memory)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 above)")
+    parser.add_argument("--chat-template", default=None,
+                        help="Jinja chat template (a file path or the template text) for tokenizers without one")
+    parser.add_argument("--draft-model", default=None,
+                        help="draft model (path, hub id or 'fixture:draft') for speculative decoding")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4,
+                        help="tokens the draft proposes per step (with --draft-model)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the model repository's own Python code to run")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_batch_tokens", "max_num_seqs", "max_waiting", "num_blocks", "max_body_bytes",
+                 "num_speculative_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key must not be empty")
+
+
+def _chat_template(value: str | None) -> str | None:
+    if value is None or "{" in value:
+        return value
+    if not os.path.isfile(value):
+        raise ValueError(f"--chat-template {value!r} is neither a template nor an existing file")
+    with open(value, encoding="utf-8") as f:
+        return f.read()
+
+
+def build_app(args: argparse.Namespace):
+    """Load the model and build the app (separate from :func:`run` so it can be tested)."""
+    from hf_turbo.config import SpeculativeConfig, TurboConfig
+    from hf_turbo.engine import AsyncEngine
+    from hf_turbo.loading import load_model_and_tokenizer
+    from hf_turbo.serve.app import create_app
+
+    _check(args)
+    template = _chat_template(args.chat_template)
+    overrides = {k: v for k, v in (("max_num_batched_tokens", args.max_batch_tokens),
+                                   ("max_num_seqs", args.max_num_seqs), ("max_waiting", args.max_waiting),
+                                   ("num_blocks", args.num_blocks)) if v is not None}
+    config = TurboConfig().replace(**overrides)
+    model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
+                                          trust_remote_code=args.trust_remote_code)
+    if args.draft_model is not None:
+        draft, draft_tok = load_model_and_tokenizer(args.draft_model, dtype=args.dtype, device=args.device,
+                                                    trust_remote_code=args.trust_remote_code)
+        spec = SpeculativeConfig(method="draft", draft_model=draft, draft_tokenizer=draft_tok,
+                                 num_tokens=args.num_speculative_tokens)
+        config = config.replace(speculative=spec)
+    engine = AsyncEngine(model, tok, config)
+    name = args.served_model_name or args.model
+    return create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                      chat_template=template)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    if args.host not in _LOOPBACK and not args.api_key:
+        logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
+    print(f"hf-turbo serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    return 0
