@@ -305,9 +305,9 @@ def test_bad_inputs_exit_2_with_a_clear_message(case, tmp_path, capsys):
     assert want in err and "Traceback" not in err
 
 
-@pytest.mark.slow
 def test_quick_eval_cli_passes(tmp_path, capsys):
-    """``hf-turbo eval --quick``: the fixture and three architectures, every axis, fp32 and bf16."""
+    """``hf-turbo eval --quick`` (run in CI on purpose): the fixture and three architectures, every axis,
+    fp32 and bf16."""
     code = cli_main(["eval", "--quick", "--cache-dir", str(tmp_path / "c"), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
