@@ -173,8 +173,8 @@ def test_planted_softmax_scale_bug_fails_every_axis_after_the_first_token(cache,
     """A wrong scale in decode attention: every axis diverges, never at position 0 (prefill is right)."""
     from hf_turbo.kernels import reference
 
-    decode = reference._decode_bucketed
-    monkeypatch.setattr(reference, "_decode_bucketed",
+    decode = reference._decode_grouped
+    monkeypatch.setattr(reference, "_decode_grouped",
                         lambda q, kc, vc, plan, scale, out: decode(q, kc, vc, plan, scale * 1.5, out))
     opts = EvalOptions(archs=("llama",), axes=("generate", "engine"), dtypes=("float32",), cache_dir=cache,
                        num_prompts=3, max_new_tokens=8, progress=False)

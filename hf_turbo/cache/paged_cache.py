@@ -59,7 +59,7 @@ class PagedKVCache(Cache):
     is_compileable = False
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, kv_shape: tuple[int, int] | None = None) -> None:
         super().__init__(layers=[])
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -69,6 +69,9 @@ class PagedKVCache(Cache):
         self.key_pools: list[torch.Tensor | None] = [None] * num_layers
         self.value_pools: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
+        if kv_shape is not None:  # allocate now, not inside the first (timed) forward
+            for i in range(num_layers):
+                self._allocate_layer(i, kv_shape)
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -82,11 +85,12 @@ class PagedKVCache(Cache):
         return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
                 f"layers={self.num_layers}, dtype={self.dtype}, device={self.device})")
 
-    def _allocate_layer(self, layer_idx: int, key: torch.Tensor) -> None:
-        # key: [B, H_kv, T, D] as the attention layers hand it over
-        shape = (self.num_blocks, self.block_size, key.shape[1], key.shape[-1])
-        self.key_pools[layer_idx] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.value_pools[layer_idx] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+    def _allocate_layer(self, layer_idx: int, kv_shape: tuple[int, int]) -> None:
+        # empty, not zeros: no slot is read before it is written (kernels and references read only
+        # each sequence's own positions), and untouched pages cost nothing on the CPU
+        shape = (self.num_blocks, self.block_size, *kv_shape)
+        self.key_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.value_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_pools[layer_idx], self.value_pools[layer_idx]
@@ -95,8 +99,10 @@ class PagedKVCache(Cache):
         """Write the forward's new K/V ([1, H_kv, T, D]) into the pools at the context's slots."""
         if self.ctx is None:
             raise RuntimeError("PagedKVCache.update called outside an hf_turbo forward (no ForwardContext)")
-        if self.key_pools[layer_idx] is None:
-            self._allocate_layer(layer_idx, key_states)
+        pool = self.key_pools[layer_idx]
+        if pool is None or pool.shape[2] != key_states.shape[1] or pool.shape[3] != key_states.shape[-1]:
+            # key_states: [B, H_kv, T, D]; a layer whose K/V differ from the config's layout
+            self._allocate_layer(layer_idx, (key_states.shape[1], key_states.shape[-1]))
         # [1, H_kv, T, D] -> [T, H_kv, D]
         k = key_states[0].transpose(0, 1)
         v = value_states[0].transpose(0, 1)

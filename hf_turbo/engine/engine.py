@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from hf_turbo.cache.block_pool import BlockPool
-from hf_turbo.cache.paged_cache import PagedKVCache
+from hf_turbo.cache.paged_cache import PagedKVCache, kv_layout
 from hf_turbo.config import TurboConfig
 from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
@@ -98,7 +98,9 @@ class Engine:
                                                                            next(draft.parameters()).dtype)
         nblocks = num_kv_blocks(model, config, draft_bytes)
         num_layers = model.config.get_text_config().num_hidden_layers
-        self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device)
+        _, kv_heads, head_dim = kv_layout(model.config)
+        self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
+                                  kv_shape=(kv_heads, head_dim))
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)

@@ -91,7 +91,7 @@ def paged_attention(
 ) -> Tensor:
     """Causal attention of packed new tokens over the paged KV cache -> [T, H_q, D] in q's dtype.
 
-    Per sequence: q_len == 1 -> split-K flash-decoding (Triton) / bucketed batched SDPA (reference);
+    Per sequence: q_len == 1 -> split-K flash-decoding (Triton) / SDPA grouped by equal key range (reference);
     otherwise the unified varlen kernel (Triton) / one SDPA call (reference). ``max_seqlen_q`` is
     accepted for API compatibility and unused (no kernel needs it: programs find their sequence by
     binary search over cu_seqlens_q). ``max_context_len``, an optional upper bound on

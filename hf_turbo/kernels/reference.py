@@ -7,10 +7,9 @@ with a softcap c. Query head h reads KV head h // (H_q // H_kv).
 
 Batch invariance: each sequence's output is computed from that sequence's tensors only, by a code
 path chosen from that sequence's own q_len and context length, so a sequence gives bitwise the
-same output alone or inside any batch. Decode sequences (q_len == 1, no softcap) are batched into
-one ``scaled_dot_product_attention`` call per length bucket: keys are padded (masked) up to a bucket
-length that depends only on the sequence's own context, and SDPA computes each (batch, head) item
-independently. Everything else runs one SDPA call per sequence (one manual softmax per sequence
+same output alone or inside any batch. Decode sequences (q_len == 1, no softcap) with the same key
+range are batched into one unmasked ``scaled_dot_product_attention`` call (no padding: SDPA computes
+each (batch, head) item independently). Everything else runs one SDPA call per sequence (one manual softmax per sequence
 with a softcap).
 """
 
@@ -35,14 +34,6 @@ def store_kv_ref(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, s
     h, d = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, h, d)[slots] = key
     v_cache.view(-1, h, d)[slots] = value
-
-
-def _bucket_len(n: int) -> int:
-    """Padded key length for a decode sequence with n keys: <= 25% padding, few distinct buckets."""
-    if n <= 16:
-        return 16
-    step = 1 << max(4, (n - 1).bit_length() - 3)
-    return -(-n // step) * step
 
 
 def _fold_group(q: Tensor, h_kv: int) -> Tensor:
@@ -138,51 +129,46 @@ def _gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tens
 
 def _decode_plan(
     decode: list[tuple[int, int, int, int]], block_tables: Tensor, block_size: int, device: torch.device
-) -> list[tuple[Tensor, Tensor, Tensor, int]]:
-    """Per bucket of padded key length: (block ids [nb, nblk], mask [nb, 1, 1, nblk * bs], q rows [nb], nb).
+) -> list[tuple[Tensor, int, int, Tensor, int]]:
+    """Group q_len == 1 sequences by their exact (first key, number of keys); per group:
+    (block ids [nb, nblk], offset of the first key in the first block, number of keys, q rows [nb], nb).
 
-    Whole blocks are gathered (one index per block, not per token): positions outside the
-    sequence's [first key, context) range, and repeated trailing blocks, are masked out. Depends only
-    on the forward's metadata, so one plan serves every layer of a forward.
+    Equal lengths need no padding and no mask, so a group is one unmasked SDPA call whose items
+    are computed independently: a sequence's result is the same in any group. Depends only on the
+    forward's metadata, so one plan serves every layer of a forward.
     """
-    buckets: dict[int, list[tuple[int, int, int, int]]] = {}
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for item in decode:
-        buckets.setdefault(_bucket_len(item[2]), []).append(item)
-    bs = block_size
+        groups.setdefault((item[1] % block_size, item[2]), []).append(item)
     plan = []
-    for lb, members in buckets.items():
-        sel, start_t, len_t, rows = torch.tensor(members, device=device).unbind(1)  # each [nb]
-        nblk = -(-lb // bs) + 1  # +1: the first key need not sit at a block start
-        b0 = start_t // bs
-        last = (start_t + len_t - 1) // bs  # last block holding a key
-        idx = torch.minimum(b0[:, None] + torch.arange(nblk, device=device)[None, :], last[:, None])
+    for (offset, n_keys), members in groups.items():
+        nblk = -(-(offset + n_keys) // block_size)
+        sel = torch.tensor([m[0] for m in members], device=device)
+        b0 = torch.tensor([m[1] // block_size for m in members], device=device)
+        idx = b0[:, None] + torch.arange(nblk, device=device)[None, :]
         blocks = block_tables[sel].long().gather(1, idx)  # [nb, nblk]
-        pos = (b0 * bs)[:, None] + torch.arange(nblk * bs, device=device)[None, :]  # [nb, nblk*bs]
-        mask = (pos >= start_t[:, None]) & (pos < (start_t + len_t)[:, None])
-        plan.append((blocks, mask[:, None, None, :], rows, len(members)))
+        rows = torch.tensor([m[3] for m in members], device=device)
+        plan.append((blocks, offset, n_keys, rows, len(members)))
     return plan
 
 
-def _decode_bucketed(
+def _decode_grouped(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    plan: list[tuple[Tensor, Tensor, Tensor, int]],
+    plan: list[tuple[Tensor, int, int, Tensor, int]],
     scale: float,
     out: Tensor,
 ) -> None:
-    """q_len == 1 sequences: one SDPA call per bucket of padded key length (see _decode_plan)."""
-    _, bs, h_kv, d = k_cache.shape
+    """q_len == 1 sequences: one unmasked SDPA call per group of equal key ranges (see _decode_plan)."""
+    _, _, h_kv, d = k_cache.shape
     h_q = q.shape[1]
-    for blocks, mask, rows, nb in plan:
-        # whole blocks via index_select (3x faster than a per-token gather on the CPU); slots outside
-        # the sequence are zeroed so that whatever they hold (stale or NaN) cannot leak through the mask
-        flat = blocks.view(-1)
-        outside = ~mask.view(nb, -1, 1, 1)  # [nb, nblk*bs, 1, 1]
-        kb = k_cache.index_select(0, flat).view(nb, -1, h_kv, d).masked_fill_(outside, 0).transpose(1, 2)
-        vb = v_cache.index_select(0, flat).view(nb, -1, h_kv, d).masked_fill_(outside, 0).transpose(1, 2)
+    for blocks, offset, n_keys, rows, nb in plan:
+        flat = blocks.view(-1)  # whole blocks via index_select: 3x faster than a per-token gather on CPU
+        kb = k_cache.index_select(0, flat).view(nb, -1, h_kv, d)[:, offset:offset + n_keys].transpose(1, 2)
+        vb = v_cache.index_select(0, flat).view(nb, -1, h_kv, d)[:, offset:offset + n_keys].transpose(1, 2)
         qb = q[rows].view(nb, h_kv, h_q // h_kv, d)
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # [nb, H_kv, g, D]
+        o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)  # [nb, H_kv, g, D]
         out[rows] = o.reshape(nb, h_q, d)
 
 
@@ -206,7 +192,7 @@ def paged_attention_ref(
     per-forward metadata (host copies of cu_seqlens/context_lens and the decode gather plan) is
     computed by the first layer and reused by the others.
 
-    Per-sequence path: q_len == 1 without softcap -> bucketed batched SDPA; otherwise one SDPA call
+    Per-sequence path: q_len == 1 without softcap -> SDPA grouped by equal key range; otherwise one SDPA call
     (or manual softmax with softcap) on that sequence's keys gathered from its blocks. With a
     sliding window only the keys inside the window are gathered.
     """
@@ -239,7 +225,7 @@ def paged_attention_ref(
         if plan_cache is not None:
             plan_cache[key] = (cu, ctx, plan)
     if plan:
-        _decode_bucketed(q, k_cache, v_cache, plan, scale, out)
+        _decode_grouped(q, k_cache, v_cache, plan, scale, out)
     return out
 
 
