@@ -313,7 +313,7 @@ class Engine:
         """Block-pool bookkeeping plus: every live block belongs to a running request or the cache."""
         self.pool.check_invariants()
         owned = sum(len(r.block_ids) for r in self.scheduler.running)
-        if owned < self.pool.num_used - 0 and not self.config.cache.enable_prefix_caching:
+        if owned < self.pool.num_used and not self.config.cache.enable_prefix_caching:
             raise AssertionError(f"{self.pool.num_used} blocks used but requests own {owned}")
         for r in self.scheduler.running:
             if len(r.block_ids) > -(-r.num_tokens // self.pool.block_size):
