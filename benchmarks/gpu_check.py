@@ -136,6 +136,11 @@ def report(name: str, out, ref, dtype_name: str) -> bool:
     return ok
 
 
+def failed(name: str, e: Exception) -> bool:
+    print(f"  {name:<58} {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''} FAIL")
+    return False
+
+
 def run_correctness(c: Context) -> bool:
     torch, k = c.torch, c.kernels
     dry = c.dry
@@ -173,9 +178,14 @@ def run_correctness(c: Context) -> bool:
     for q_lens, ctx_lens, h_q, h_kv, d, dtype, window, softcap in paged_cases:
         q, kc, vc, cu, cl, bt = make_paged(c, q_lens, ctx_lens, h_q, h_kv, d, dtype)
         kw = dict(scale=d**-0.5, sliding_window=window, softcap=softcap)
-        out = k.paged_attention(q, kc, vc, cu, cl, bt, out=torch.full_like(q, float("nan")), backend="triton", **kw)
-        ref = k.paged_attention(q.double(), kc.double(), vc.double(), cu, cl, bt, backend="reference", **kw)
         name = f"paged {str(dtype)[6:]} d{d} g{h_q // h_kv} w{window} cap{softcap} q{sum(q_lens)} ctx{max(ctx_lens)}"
+        try:
+            out = k.paged_attention(q, kc, vc, cu, cl, bt, out=torch.full_like(q, float("nan")), backend="triton",
+                                    **kw)
+        except Exception as e:  # a compile or launch failure is a FAIL row, not the end of the check
+            ok = failed(name, e)
+            continue
+        ref = k.paged_attention(q.double(), kc.double(), vc.double(), cu, cl, bt, backend="reference", **kw)
         ok &= report(name, out, ref, str(dtype)[6:])
 
     # -- varlen: (q_lens, k_lens, h_q, h_kv, d, dtype, causal, window, softcap)
@@ -194,9 +204,14 @@ def run_correctness(c: Context) -> bool:
     for q_lens, k_lens, h_q, h_kv, d, dtype, causal, window, softcap in varlen_cases:
         q, kk, vv, cq, ck = make_varlen(c, q_lens, k_lens, h_q, h_kv, d, dtype)
         kw = dict(scale=d**-0.5, causal=causal, sliding_window=window, softcap=softcap)
-        out = k.flash_attention_varlen(q, kk, vv, cq, ck, out=torch.full_like(q, float("nan")), backend="triton", **kw)
-        ref = k.flash_attention_varlen(q.double(), kk.double(), vv.double(), cq, ck, backend="reference", **kw)
         name = f"varlen {str(dtype)[6:]} d{d} g{h_q // h_kv} causal={causal} w{window} cap{softcap}"
+        try:
+            out = k.flash_attention_varlen(q, kk, vv, cq, ck, out=torch.full_like(q, float("nan")),
+                                           backend="triton", **kw)
+        except Exception as e:
+            ok = failed(name, e)
+            continue
+        ref = k.flash_attention_varlen(q.double(), kk.double(), vv.double(), cq, ck, backend="reference", **kw)
         ok &= report(name, out, ref, str(dtype)[6:])
 
     # -- batch invariance: each sequence alone == inside the mixed batch, bitwise

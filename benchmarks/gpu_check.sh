@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Correctness + timing check of hf_turbo's attention kernels on a CUDA box.
-# Uses the `python` on PATH (torch/triton installed system-wide); installs nothing, needs no network.
-set -euo pipefail
+# Correctness + timing check of hf_turbo's attention kernels on a CUDA box (about 5 minutes).
+#   benchmarks/gpu_check.sh [--sweep] [--e2e]
+# --e2e also runs tests/test_gpu.py (accelerated generate() and the Engine on CUDA against stock generate())
+# and a quick `hf-turbo bench` on the GPU. Uses ${PYTHON:-python3} (torch/triton/transformers installed
+# system-wide); installs nothing, needs no network. Exit status 1 if any check fails.
+set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-exec python "${REPO}/benchmarks/gpu_check.py" "$@"
+export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+E2E=0
+ARGS=()
+for a in "$@"; do
+  if [[ "$a" == "--e2e" ]]; then E2E=1; else ARGS+=("$a"); fi
+done
+"$PY" "${REPO}/benchmarks/gpu_check.py" "${ARGS[@]}"
+rc=$?
+if [[ $E2E == 1 ]]; then
+  echo; echo "== end to end on CUDA: tests/test_gpu.py"
+  (cd "$REPO" && "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    | grep -E "rows:|plain forward|seeded request|tokens before|passed|failed|Error|error|FAILED|assert") || rc=1
+  echo; echo "== hf-turbo bench --quick on CUDA (fixture model, bf16)"
+  (cd "$REPO" && "$PY" -m hf_turbo.cli bench --quick --device cuda --dtype bfloat16) || rc=1
+fi
+exit $rc

@@ -17,7 +17,8 @@ class CacheConfig:
     """Paged KV cache sizing.
 
     ``num_blocks`` wins when given. Otherwise the pool takes ``gpu_memory_fraction`` of the free
-    device memory on CUDA, or ``cpu_kv_bytes`` on the CPU.
+    device memory on CUDA, or ``cpu_kv_bytes`` on the CPU, capped at twice the blocks that
+    ``max_num_seqs`` sequences of the model's maximum length need.
     """
 
     block_size: int = 16

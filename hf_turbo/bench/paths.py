@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from hf_turbo.bench.workloads import Workload
+from hf_turbo.patches.compat import cb_page_size_kwarg
 
 __all__ = [
     "BenchContext",
@@ -224,7 +225,7 @@ def _cb_config(ctx: BenchContext, workload: Workload) -> Any:
     pairs = zip(workload.prompts, workload.output_lens, strict=True)
     blocks = sum(math.ceil((len(p) + n) / page) for p, n in pairs)
     return ContinuousBatchingConfig(
-        page_size=page,
+        **{cb_page_size_kwarg(): page},
         num_blocks=blocks + workload.n_requests,
         max_batch_tokens=512,
         max_requests_per_batch=max_requests,
@@ -289,7 +290,7 @@ def hf_cb(ctx: BenchContext, workload: Workload) -> PathResult:
     processed = workload.prompt_tokens + sum(len(o) for o in outputs)
     extra = {"setup_s": setup_s, "attn_implementation": attn_before}
     if ctx.device.type != "cuda":
-        extra.update(page_size=cb_config.page_size, num_blocks=cb_config.num_blocks)
+        extra.update(page_size=getattr(cb_config, cb_page_size_kwarg()), num_blocks=cb_config.num_blocks)
     return PathResult(outputs, seconds, processed, extra=extra)
 
 

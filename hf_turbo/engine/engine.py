@@ -49,7 +49,14 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
         budget = int(free * cc.gpu_memory_fraction)
     else:
         budget = cc.cpu_kv_bytes
-    return max(1, budget // per_block)
+    blocks = max(1, budget // per_block)
+    # A small model on a big card would get millions of blocks (and a block pool that takes seconds to
+    # build): cap at twice what every running sequence at full length needs; the rest only keeps more
+    # prefix-cache entries alive.
+    max_len = config.max_model_len or _model_max_len(model)
+    if max_len:
+        blocks = min(blocks, 2 * config.max_num_seqs * math.ceil(max_len / cc.block_size))
+    return blocks
 
 
 def _model_max_len(model) -> int | None:
