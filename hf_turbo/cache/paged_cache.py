@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
+from hf_turbo.cache.contiguous import ContiguousKV
 from hf_turbo.kernels import store_kv
 
 __all__ = ["ForwardContext", "PagedKVCache", "kv_layout"]
@@ -35,6 +36,10 @@ class ForwardContext:
     max_context_len: int
     backend: str = "auto"
     plan_cache: dict = field(default_factory=dict)  # per-forward metadata shared by all layers
+    # host copies of cu_seqlens_q / context_lens and the sequence objects (CPU contiguous-K/V path)
+    host_cu_seqlens_q: list[int] | None = None
+    host_context_lens: list[int] | None = None
+    seqs: list | None = None
 
 
 def kv_layout(config) -> tuple[int, int, int]:
@@ -69,6 +74,7 @@ class PagedKVCache(Cache):
         self.key_pools: list[torch.Tensor | None] = [None] * num_layers
         self.value_pools: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
+        self.contiguous = ContiguousKV(num_layers, block_size)  # used by the CPU attention path only
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
             for i in range(num_layers):
                 self._allocate_layer(i, kv_shape)
@@ -140,6 +146,7 @@ class PagedKVCache(Cache):
         return False
 
     def reset(self) -> None:
+        self.contiguous.clear()
         for pool in self.key_pools + self.value_pools:
             if pool is not None:
                 pool.zero_()

@@ -111,6 +111,7 @@ class Engine:
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
+        self.scheduler.on_release = self.cache.contiguous.drop
         self.runner = ModelRunner(model, self.cache, config.backend)
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.requests: dict[str, Request] = {}

@@ -77,6 +77,9 @@ class ModelRunner:
             max_seqlen_q=max_q,
             max_context_len=max(ctx_lens),
             backend=self.backend,
+            host_cu_seqlens_q=cu,
+            host_context_lens=ctx_lens,
+            seqs=[req for req, _ in scheduled],
         )
         self.cache.ctx = ctx
         try:

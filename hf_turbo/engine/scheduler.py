@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hf_turbo.cache.block_pool import BlockPool
@@ -52,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.on_release: Callable[[Request], None] | None = None  # called when a request gives its blocks back
 
     # -- queue management -----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -74,6 +76,8 @@ class Scheduler:
         req.status = status
 
     def _release(self, req: Request) -> None:
+        if self.on_release is not None:
+            self.on_release(req)
         self.pool.free(reversed(req.block_ids))
         req.block_ids = []
         req.num_computed = 0

@@ -46,10 +46,11 @@ if HAS_TRITON:
     from hf_turbo.kernels import paged_attention as _paged_triton
     from hf_turbo.kernels import store_kv as _store_triton
 
-__all__ = ["store_kv", "paged_attention", "flash_attention_varlen"]
+__all__ = ["store_kv", "paged_attention", "flash_attention_varlen", "use_triton"]
 
 
-def _use_triton(backend: str, t: Tensor) -> bool:
+def use_triton(backend: str, t: Tensor) -> bool:
+    """Whether ``backend`` ("auto", "triton", "reference") runs the Triton kernels for tensor ``t``."""
     if backend == "auto":
         return t.is_cuda and HAS_TRITON and os.environ.get("HF_TURBO_FORCE_REFERENCE", "") != "1"
     if backend == "reference":
@@ -64,7 +65,7 @@ def _use_triton(backend: str, t: Tensor) -> bool:
 def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
              backend: str = "auto") -> None:
     """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place."""
-    if _use_triton(backend, key):
+    if use_triton(backend, key):
         _store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
         return
     _validate.check_store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -98,7 +99,7 @@ def paged_attention(
     max(context_lens), only sizes the Triton decode scratch (default block_tables.shape[1] * block_size).
     """
     del max_seqlen_q
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         del plan_cache  # the Triton path reads metadata on the device: nothing to share
         return _paged_triton.paged_attention_triton(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
@@ -138,7 +139,7 @@ def flash_attention_varlen(
     Per sequence q_len <= k_len; query j sits at k_len - q_len + j (bottom-right causal, like
     flash-attn). sliding_window requires causal=True.
     """
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         return _flash_triton.flash_attention_varlen_triton(
             q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal, sliding_window=sliding_window,
             softcap=softcap, out=out, validate=validate,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["store_kv_ref", "paged_attention_ref", "flash_attention_varlen_ref"]
+__all__ = ["store_kv_ref", "paged_attention_ref", "flash_attention_varlen_ref", "sequence_attention_ref"]
 
 # Score elements per chunk in the manual (softcap) path: bounds memory for long prefills.
 _SOFTCAP_CHUNK_ELEMS = 1 << 24
@@ -226,6 +226,45 @@ def paged_attention_ref(
             plan_cache[key] = (cu, ctx, plan)
     if plan:
         _decode_grouped(q, k_cache, v_cache, plan, scale, out)
+    return out
+
+
+def sequence_attention_ref(
+    q: Tensor,
+    q_starts: list[int],
+    context_lens: list[int],
+    keys: list[Tensor],
+    values: list[Tensor],
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """``paged_attention_ref`` with each sequence's keys already contiguous (no block tables, no gather).
+
+    q: [T, H_q, D]; sequence s owns rows ``q_starts[s]:q_starts[s + 1]`` and attends positions
+    ``[0, context_lens[s])`` held in ``keys[s]`` / ``values[s]`` ([>= context_lens[s], H_kv, D], views are
+    fine). The same per-sequence SDPA calls as ``paged_attention_ref`` on the same values, so the same bits.
+    """
+    out = torch.empty_like(q) if out is None else out
+    h_q, d = q.shape[1], q.shape[2]
+    for s, length in enumerate(context_lens):
+        q0, q1 = q_starts[s], q_starts[s + 1]
+        if q1 == q0:
+            continue
+        q_pos0 = length - (q1 - q0)
+        start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0
+        k, v = keys[s][start:length], values[s][start:length]
+        if q1 - q0 == 1 and softcap is None:
+            h_kv = k.shape[1]
+            o = F.scaled_dot_product_attention(q[q0].view(1, h_kv, h_q // h_kv, d), k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], scale=scale)  # [1, H_kv, g, D]
+            out[q0] = o.view(h_q, d)
+            continue
+        out[q0:q1] = _attend(
+            q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
+        )
     return out
 
 

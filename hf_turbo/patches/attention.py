@@ -5,8 +5,9 @@ Two paths through one function:
 * Inside an hf_turbo engine forward (a ``turbo_ctx`` ForwardContext in the kwargs): the batch is
   one packed varlen sequence [1, T]; the new K/V were already written to the paged cache by
   ``PagedKVCache.update``; attention reads each sequence's context through its block table
-  (Triton on CUDA, torch reference on the CPU). No mask tensor exists: the mask function returns
-  None and the kernel applies causality, sliding window and softcap itself.
+  (Triton on CUDA), or on the CPU from each sequence's contiguous copy (``cache/contiguous.py``).
+  No mask tensor exists: the mask function returns None and the kernel applies causality, sliding
+  window and softcap itself.
 * A plain forward (``from_pretrained(..., attn_implementation="hf_turbo")`` with a DynamicCache or
   none): exactly the stock "sdpa" mask and attention, or the flash varlen kernel on CUDA when
   there is no mask; softcap models go through a torch softmax with the same mask.
@@ -19,7 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_turbo.kernels import flash_attention_varlen, paged_attention
+from hf_turbo.kernels import flash_attention_varlen, paged_attention, use_triton
+from hf_turbo.kernels.reference import sequence_attention_ref
 
 __all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask"]
 
@@ -49,11 +51,31 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     k_pool, v_pool = ctx.cache.layer_pools(module.layer_idx)
     # query: [1, H, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1).contiguous()
+    if ctx.seqs is not None and not use_triton(ctx.backend, q):
+        return _contiguous_attention(module.layer_idx, q, key, value, ctx, k_pool, v_pool, scaling,
+                                     sliding_window, softcap), None
     out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                           scale=scaling, sliding_window=sliding_window, softcap=softcap,
                           max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
                           max_context_len=ctx.max_context_len, plan_cache=ctx.plan_cache)
     return out.unsqueeze(0), None
+
+
+def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap):
+    """CPU path: append this forward's K/V to each sequence's contiguous copy and attend over views."""
+    mirror = ctx.cache.contiguous
+    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
+    cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
+    keys, values = [], []
+    for s, seq in enumerate(ctx.seqs):
+        q0, q1 = cu[s], cu[s + 1]
+        k, v = mirror.extend(layer, seq, lens[s] - (q1 - q0), new_k[q0:q1], new_v[q0:q1], k_pool, v_pool,
+                             ctx.block_tables[s])
+        keys.append(k)
+        values.append(v)
+    out = sequence_attention_ref(q, cu, lens, keys, values, scale=scaling, sliding_window=sliding_window,
+                                 softcap=softcap)
+    return out.unsqueeze(0)
 
 
 def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,

@@ -228,6 +228,7 @@ class DraftModelProposer:
     def release(self, req: Request) -> None:
         seq = self.seqs.pop(req.request_id, None)
         if seq is not None:
+            self.cache.contiguous.drop(seq)
             self.pool.free(reversed(seq.block_ids))
 
     def check_invariants(self) -> None:
@@ -241,6 +242,7 @@ class DraftModelProposer:
         for seq in self.seqs.values():
             self.pool.free(reversed(seq.block_ids))
         self.seqs.clear()
+        self.cache.contiguous.clear()
         if self._owns_patch:
             from hf_turbo.api import is_accelerated, restore
 
