@@ -171,11 +171,15 @@ def test_planted_chunking_bug_is_caught_on_the_right_axis(cache, monkeypatch):
 
 def test_planted_softmax_scale_bug_fails_every_axis_after_the_first_token(cache, monkeypatch):
     """A wrong scale in decode attention: every axis diverges, never at position 0 (prefill is right)."""
-    from hf_turbo.kernels import reference
+    from hf_turbo.patches import attention
 
-    decode = reference._decode_grouped
-    monkeypatch.setattr(reference, "_decode_grouped",
-                        lambda q, kc, vc, plan, scale, out: decode(q, kc, vc, plan, scale * 1.5, out))
+    original = attention.sequence_attention_ref
+
+    def wrong_decode_scale(q, q_starts, context_lens, keys, values, *, scale, **kw):
+        decode_only = q.shape[0] == len(context_lens)  # every sequence has one new token
+        return original(q, q_starts, context_lens, keys, values, scale=scale * (1.5 if decode_only else 1.0), **kw)
+
+    monkeypatch.setattr(attention, "sequence_attention_ref", wrong_decode_scale)
     opts = EvalOptions(archs=("llama",), axes=("generate", "engine"), dtypes=("float32",), cache_dir=cache,
                        num_prompts=3, max_new_tokens=8, progress=False)
     results = run_eval(opts)

@@ -61,22 +61,40 @@ class ContiguousKV:
         new_k/new_v: [n, H_kv, D], the K/V of positions ``[start, start + n)`` (already in the pool).
         block_row: the sequence's block table row, read only when the buffer is behind ``start``.
         """
-        end = start + new_k.shape[0]
-        layers = self._seqs.get(seq)
-        if layers is None:
-            layers = self._seqs[seq] = [None] * self.num_layers
-        entry = layers[layer]
-        if entry is None or entry[0].shape[0] < end:
-            entry = layers[layer] = self._grow(entry, end, new_k)
-        k_buf, v_buf, valid = entry
-        if valid < start:  # behind the pool: copy the missing positions from their blocks once
-            k_buf[valid:start] = _gather(k_pool, block_row, valid, start)
-            v_buf[valid:start] = _gather(v_pool, block_row, valid, start)
-        if end > start:
-            k_buf[start:end] = new_k
-            v_buf[start:end] = new_v
-        entry[2] = end  # anything past end (rejected or recomputed positions) is no longer valid
-        return k_buf[:end], v_buf[:end]
+        keys, values = self.extend_many(layer, [seq], [start], new_k, new_v, [0, new_k.shape[0]], k_pool, v_pool,
+                                        block_row[None])
+        return keys[0], values[0]
+
+    def extend_many(self, layer: int, seqs: list, starts: list[int], new_k: Tensor, new_v: Tensor, cu: list[int],
+                    k_pool: Tensor, v_pool: Tensor, block_tables: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`extend` for a packed forward: sequence i's new K/V are rows ``cu[i]:cu[i + 1]`` of
+        new_k/new_v and start at position ``starts[i]``; all appends are one batched copy."""
+        dst: list[Tensor] = []
+        src: list[Tensor] = []
+        keys: list[Tensor] = []
+        values: list[Tensor] = []
+        for i, seq in enumerate(seqs):
+            start, q0, q1 = starts[i], cu[i], cu[i + 1]
+            end = start + q1 - q0
+            layers = self._seqs.get(seq)
+            if layers is None:
+                layers = self._seqs[seq] = [None] * self.num_layers
+            entry = layers[layer]
+            if entry is None or entry[0].shape[0] < end:
+                entry = layers[layer] = self._grow(entry, end, new_k)
+            k_buf, v_buf, valid = entry
+            if valid < start:  # behind the pool: copy the missing positions from their blocks once
+                k_buf[valid:start] = _gather(k_pool, block_tables[i], valid, start)
+                v_buf[valid:start] = _gather(v_pool, block_tables[i], valid, start)
+            if end > start:
+                dst += (k_buf[start:end], v_buf[start:end])
+                src += (new_k[q0:q1], new_v[q0:q1])
+            entry[2] = end  # anything past end (rejected or recomputed positions) is no longer valid
+            keys.append(k_buf[:end])
+            values.append(v_buf[:end])
+        if dst:
+            torch._foreach_copy_(dst, src)
+        return keys, values
 
     def _grow(self, entry: list | None, end: int, like: Tensor) -> list:
         old = 0 if entry is None else entry[0].shape[0]

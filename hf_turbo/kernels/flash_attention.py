@@ -139,7 +139,7 @@ def flash_attention_varlen_triton(
         return out
     group = h_q // h_kv
     d_pad = max(16, triton.next_power_of_2(d))
-    cfg_m, cfg_n, warps, stages = _unified_config(d_pad, group, q.dtype)
+    cfg_m, cfg_n, warps, stages = _unified_config(d_pad, group, q.dtype, q.device)
     bm = max(block_m or cfg_m, triton.next_power_of_2(group))
     block_q = bm // group
     _flash_attn_varlen_fwd_kernel[(num_q // block_q + num_seqs, h_kv)](

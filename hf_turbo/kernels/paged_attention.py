@@ -25,6 +25,8 @@ bitwise the same output alone or inside any batch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -334,12 +336,34 @@ def _paged_decode_reduce_kernel(
     )
 
 
-def _unified_config(head_dim_pad: int, group: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N, num_warps, num_stages); a function of (D, GROUP, dtype) only."""
+# Shared memory a (128 x 128, 3-stage) 16-bit tile needs at D <= 128: Q 32 KiB + 3 x (K + V) 192 KiB.
+_BIG_TILE_SMEM = 224 * 1024
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # interpreter or an unknown driver: assume the smaller tile
+        return 0
+
+
+def _unified_config(head_dim_pad: int, group: int, dtype: torch.dtype, device: torch.device | None = None
+                    ) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N, num_warps, num_stages); a function of (D, GROUP, dtype, the card's shared memory).
+
+    On H200 (benchmarks/gpu_check.sh --sweep, bf16, D=128, N=4096) 128 x 128 x 3 stages gave 385 / 278
+    TFLOP/s (varlen / paged) against 340 / 243 for 128 x 64; it needs ~224 KiB of shared memory (Hopper),
+    so smaller cards keep 128 x 64.
+    """
     if dtype == torch.float32:
         block_m, block_n, warps, stages = 64, 32, 4, 2
     elif head_dim_pad <= 128:
         block_m, block_n, warps, stages = 128, 64, 8, 3
+        if device is not None and device.type == "cuda" and \
+                _max_shared_memory(device.index if device.index is not None else torch.cuda.current_device()) \
+                >= _BIG_TILE_SMEM:
+            block_n = 128
     else:
         block_m, block_n, warps, stages = 64, 32, 4, 2
     return max(block_m, triton.next_power_of_2(group)), block_n, warps, stages
@@ -407,7 +431,7 @@ def paged_attention_triton(
     use_window, use_softcap = sliding_window is not None, softcap is not None
     window = sliding_window or 0
     cap = float(softcap or 0.0)
-    cfg_m, cfg_n, warps, stages = _unified_config(d_pad, group, q.dtype)
+    cfg_m, cfg_n, warps, stages = _unified_config(d_pad, group, q.dtype, q.device)
     common = (
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

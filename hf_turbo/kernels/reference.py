@@ -249,6 +249,8 @@ def sequence_attention_ref(
     """
     out = torch.empty_like(q) if out is None else out
     h_q, d = q.shape[1], q.shape[2]
+    rows: list[int] = []  # decode rows: outputs written by one index_copy_ at the end
+    outs: list[Tensor] = []
     for s, length in enumerate(context_lens):
         q0, q1 = q_starts[s], q_starts[s + 1]
         if q1 == q0:
@@ -258,13 +260,15 @@ def sequence_attention_ref(
         k, v = keys[s][start:length], values[s][start:length]
         if q1 - q0 == 1 and softcap is None:
             h_kv = k.shape[1]
-            o = F.scaled_dot_product_attention(q[q0].view(1, h_kv, h_q // h_kv, d), k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None], scale=scale)  # [1, H_kv, g, D]
-            out[q0] = o.view(h_q, d)
+            outs.append(F.scaled_dot_product_attention(q[q0].view(1, h_kv, h_q // h_kv, d), k.transpose(0, 1)[None],
+                                                       v.transpose(0, 1)[None], scale=scale))  # [1, H_kv, g, D]
+            rows.append(q0)
             continue
         out[q0:q1] = _attend(
             q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
         )
+    if rows:
+        out.index_copy_(0, torch.tensor(rows, device=q.device), torch.cat(outs).view(len(rows), h_q, d))
     return out
 
 

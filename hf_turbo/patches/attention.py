@@ -66,13 +66,8 @@ def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scalin
     mirror = ctx.cache.contiguous
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
     cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
-    keys, values = [], []
-    for s, seq in enumerate(ctx.seqs):
-        q0, q1 = cu[s], cu[s + 1]
-        k, v = mirror.extend(layer, seq, lens[s] - (q1 - q0), new_k[q0:q1], new_v[q0:q1], k_pool, v_pool,
-                             ctx.block_tables[s])
-        keys.append(k)
-        values.append(v)
+    starts = [lens[s] - (cu[s + 1] - cu[s]) for s in range(len(lens))]
+    keys, values = mirror.extend_many(layer, ctx.seqs, starts, new_k, new_v, cu, k_pool, v_pool, ctx.block_tables)
     out = sequence_attention_ref(q, cu, lens, keys, values, scale=scaling, sliding_window=sliding_window,
                                  softcap=softcap)
     return out.unsqueeze(0)
