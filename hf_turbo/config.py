@@ -18,7 +18,9 @@ class CacheConfig:
 
     ``num_blocks`` wins when given. Otherwise the pool takes ``gpu_memory_fraction`` of the free
     device memory on CUDA, or ``cpu_kv_bytes`` on the CPU, capped at twice the blocks that
-    ``max_num_seqs`` sequences of the model's maximum length need.
+    ``max_num_seqs`` sequences of the model's maximum length need. On the CPU the running sequences
+    also keep a contiguous copy of their K/V (``cache/contiguous.py``): up to as much memory again
+    as their blocks hold, allocated as they grow and freed when they finish.
     """
 
     block_size: int = 16

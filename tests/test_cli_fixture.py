@@ -30,6 +30,13 @@ def test_console_script_runs():
     assert res.returncode == 0 and "hf-turbo" in res.stdout
 
 
+def test_demo_one_at_a_time_and_batched_identical(capsys):
+    assert main(["demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "identical: yes; speed-up" in out
+    assert "as one padded batch" in out and out.count("identical: yes") == 4 + 2  # per prompt, then two summaries
+
+
 def test_demo_with_missing_model_path_names_it(capsys):
     assert main(["demo", "--model", "/no/such/model-dir"]) == 2
     assert "/no/such/model-dir" in capsys.readouterr().err

@@ -318,11 +318,13 @@ class Engine:
         return text
 
     def check_invariants(self) -> None:
-        """Block-pool bookkeeping plus: every live block belongs to a running request or the cache."""
+        """Block-pool bookkeeping plus: every block reference is held by a running request (waiting and
+        finished requests hold none; prefix-cached blocks nobody uses have no reference)."""
         self.pool.check_invariants()
         owned = sum(len(r.block_ids) for r in self.scheduler.running)
-        if owned < self.pool.num_used and not self.config.cache.enable_prefix_caching:
-            raise AssertionError(f"{self.pool.num_used} blocks used but requests own {owned}")
+        refs = sum(self.pool.ref_counts)
+        if refs != owned:
+            raise AssertionError(f"KV blocks leaked: {refs} block references but running requests hold {owned}")
         for r in self.scheduler.running:
             if len(r.block_ids) > -(-r.num_tokens // self.pool.block_size):
                 raise AssertionError(f"{r.request_id} holds {len(r.block_ids)} blocks for {r.num_tokens} tokens")
