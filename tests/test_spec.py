@@ -296,6 +296,21 @@ def test_adaptive_k_backs_off_and_probes():
     assert AdaptiveK(k_max=6, adaptive=False).plan(["x", "y"], [9, 3], 2, 1.0, 5.0) == [6, 3]
 
 
+def test_adaptive_k_when_the_batch_drains_speculates_all_or_none():
+    ctl = AdaptiveK(k_max=6)
+    for _ in range(10):
+        ctl.record("good", 6, 6)
+        ctl.record("good2", 6, 6)
+        ctl.record("bad", 2, 0)
+    # nothing waiting: the bad request alone sets the wall time, so speculating for "good" only would
+    # make every step dearer and none fewer
+    assert ctl.plan(["good", "bad"], [6, 6], 2, 0.01, 0.1, drain=True) == [0, 0]
+    assert ctl.plan(["good", "good2"], [6, 6], 2, 0.01, 0.1, drain=True) == [6, 6]
+    # the good request's longer remaining output decides: the bad one finishes first anyway
+    assert ctl.plan(["good", "bad"], [60, 1], 2, 0.01, 0.1, drain=True) == [6, 1]
+    assert ctl.plan(["good"], [6], 1, 0.01, 2.0, drain=True) == [0]
+
+
 def test_batch_backoff():
     model = _model()
     spec = SpeculativeConfig("draft", draft_model=model, num_tokens=3, adaptive=False, max_batch_for_spec=2)

@@ -198,7 +198,7 @@ class Engine:
         forward verifies; a request may then gain several tokens in one step (``hf_turbo.spec``).
         """
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+            self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:

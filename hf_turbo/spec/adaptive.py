@@ -67,23 +67,23 @@ class AdaptiveK:
         self._probe_next = 0  # where in the batch the next probe starts
 
     def plan(self, request_ids: Sequence[str], caps: Sequence[int], batch: int, token_cost: float,
-             draft_cost: float) -> list[int]:
+             draft_cost: float, drain: bool = False) -> list[int]:
         """k per request (at most its cap) for a step of ``batch`` requests, where verifying a token
-        costs ``token_cost`` and a draft forward ``draft_cost`` (fractions of a plain step)."""
+        costs ``token_cost`` and a draft forward ``draft_cost`` (fractions of a plain step).
+
+        ``drain``: nothing is waiting, so a request that finishes sooner frees a slot nobody takes and
+        only the batch's last request sets the wall time. Then every candidate speculates with the same
+        k or none does, and k is judged by steps until the batch is done (the slowest request's
+        remaining tokens over its expected tokens per step), not by tokens per step.
+        """
         if not self.adaptive:
             return [min(self.k_max, c) for c in caps]
         rates = [self.rate(r) for r in request_ids]
-        order = sorted(range(len(rates)), key=lambda i: -rates[i])
-        best, best_k, best_n = 1.0, 0, 0  # plain decoding: throughput ratio 1
-        for k in range(1, self.k_max + 1):
-            gain = tokens = 0.0
-            for n, i in enumerate(order, 1):
-                kk = min(k, caps[i])
-                gain += expected_tokens(rates[i], kk) - 1.0
-                tokens += kk
-                ratio = (batch + gain) / batch / (1.0 + token_cost * tokens + draft_cost * k)
-                if ratio > best:
-                    best, best_k, best_n = ratio, k, n
+        if drain:
+            best_k, best_n = self._plan_drain(rates, caps, token_cost, draft_cost)
+            order = list(range(len(rates)))
+        else:
+            best_k, best_n, order = self._plan_throughput(rates, caps, batch, token_cost, draft_cost)
         if best_k:
             self._idle, self._probe_every = 0, PROBE_EVERY
             chosen = set(order[:best_n])
@@ -96,6 +96,35 @@ class AdaptiveK:
         probed = {(first + j) % len(caps) for j in range(min(PROBE_REQUESTS, len(caps)))}
         self._probe_next = first + PROBE_REQUESTS
         return [min(1, c) if i in probed else 0 for i, c in enumerate(caps)]
+
+    def _plan_throughput(self, rates: list[float], caps: Sequence[int], batch: int, token_cost: float,
+                         draft_cost: float) -> tuple[int, int, list[int]]:
+        """Best (k, n, order) by tokens per second: the n best-accepting requests (in ``order``) speculate."""
+        order = sorted(range(len(rates)), key=lambda i: -rates[i])
+        best, best_k, best_n = 1.0, 0, 0  # plain decoding: throughput ratio 1
+        for k in range(1, self.k_max + 1):
+            gain = tokens = 0.0
+            for n, i in enumerate(order, 1):
+                kk = min(k, caps[i])
+                gain += expected_tokens(rates[i], kk) - 1.0
+                tokens += kk
+                ratio = (batch + gain) / batch / (1.0 + token_cost * tokens + draft_cost * k)
+                if ratio > best:
+                    best, best_k, best_n = ratio, k, n
+        return best_k, best_n, order
+
+    def _plan_drain(self, rates: list[float], caps: Sequence[int], token_cost: float,
+                    draft_cost: float) -> tuple[int, int]:
+        """Best (k, n = all or 0) by the steps the whole batch still needs (see ``plan``)."""
+        plain_steps = max(c + 1 for c in caps)  # caps: tokens left after this step's own token
+        best, best_k = 1.0, 0
+        for k in range(1, self.k_max + 1):
+            steps = max((c + 1) / expected_tokens(a, min(k, c)) for a, c in zip(rates, caps))
+            tokens = sum(min(k, c) for c in caps)
+            ratio = plain_steps / steps / (1.0 + token_cost * tokens + draft_cost * k)
+            if ratio > best:
+                best, best_k = ratio, k
+        return best_k, len(rates) if best_k else 0
 
     def record(self, request_id: str, k: int, accepted: int) -> None:
         """A verify step of ``request_id`` had ``k`` proposals and accepted the first ``accepted``."""

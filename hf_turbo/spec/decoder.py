@@ -57,8 +57,10 @@ class SpecDecoder:
         self.num_proposed = self.num_accepted = self.num_verify_steps = self.num_emitted = self.num_rejected = 0
         self._spec_steps = 0  # steps that would have speculated
 
-    def propose(self, running: list[Request]) -> None:
-        """Set ``spec_tokens`` of every running request (empty where it does not speculate)."""
+    def propose(self, running: list[Request], waiting: int = 0) -> None:
+        """Set ``spec_tokens`` of every running request (empty where it does not speculate).
+
+        ``waiting``: requests queued behind the running ones (0: the batch is draining)."""
         live = {r.request_id for r in running}
         for rid in [rid for rid in self._holding if rid not in live]:  # preempted: drop the proposer's copy
             self.proposer.release(self._holding.pop(rid))
@@ -75,7 +77,7 @@ class SpecDecoder:
         token_cost, draft_cost = self.step_cost.relative_costs(len(running), draft_seconds)
         ks = self.k.plan([r.request_id for r in cands],
                          [r.params.max_new_tokens - r.num_output_tokens - 1 for r in cands],
-                         len(running), token_cost, draft_cost)
+                         len(running), token_cost, draft_cost, drain=waiting == 0)
         reqs = [(r, k) for r, k in zip(cands, ks) if k > 0]
         if not reqs:
             return
