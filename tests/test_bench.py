@@ -175,6 +175,32 @@ def test_measure_takes_median_of_repeats() -> None:
     assert record["seconds"] == 2.0 and record["tokens_per_s"] == 2.0
 
 
+def test_round_robin_interleaves_paths_and_reports_the_fastest() -> None:
+    workload = Workload("R", "r", ((5, 6, 7),), (4,))
+    order: list[str] = []
+
+    def tracked(name: str, seconds: list[float]) -> bench.BenchPath:
+        inner = _fake_path(seconds, [4])
+
+        def fn(ctx: BenchContext, w: Workload) -> bench.PathResult:
+            order.append(name + ("-warmup" if w.name.endswith("-warmup") else ""))
+            return inner.fn(ctx, w)
+
+        return bench.BenchPath(name, fn)
+
+    def broken(ctx: BenchContext, w: Workload) -> bench.PathResult:
+        raise RuntimeError("boom")
+
+    paths = [tracked("a", [3.0, 1.0, 2.0]), tracked("b", [5.0, 6.0, 4.0]), bench.BenchPath("c", broken)]
+    records = bench.measure_round_robin(_stub_ctx(None), paths, workload, repeats=3)
+    assert order == ["a-warmup", "b-warmup"] + ["a", "b"] * 3
+    a, b, c = records
+    assert a["seconds"] == 1.0 and a["seconds_runs"] == [3.0, 1.0, 2.0] and a["tokens_consistent"] is True
+    assert b["seconds"] == 4.0
+    assert c["status"] == "error" and "boom" in c["reason"]
+    assert bench.run(_args("--quick", "--repeats", "0")) == 2
+
+
 def test_measure_flags_wrong_token_counts() -> None:
     workload = Workload("R", "r", ((5, 6, 7), (8, 9)), (4, 2))
     record = bench.measure_path(_stub_ctx(None), _fake_path([1.0], [3, 2]), workload)
