@@ -247,6 +247,7 @@ def sequence_attention_ref(
     ``[0, context_lens[s])`` held in ``keys[s]`` / ``values[s]`` ([>= context_lens[s], H_kv, D], views are
     fine). The same per-sequence SDPA calls as ``paged_attention_ref`` on the same values, so the same bits.
     """
+    out_given = out
     out = torch.empty_like(q) if out is None else out
     h_q, d = q.shape[1], q.shape[2]
     rows: list[int] = []  # decode rows: outputs written by one index_copy_ at the end
@@ -267,6 +268,8 @@ def sequence_attention_ref(
         out[q0:q1] = _attend(
             q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
         )
+    if len(rows) == q.shape[0] and out_given is None:  # a pure decode step: the outputs are all rows, in order
+        return torch.cat(outs).view(len(rows), h_q, d)
     if rows:
         out.index_copy_(0, torch.tensor(rows, device=q.device), torch.cat(outs).view(len(rows), h_q, d))
     return out
