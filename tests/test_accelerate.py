@@ -14,7 +14,7 @@ import hf_turbo
 from hf_turbo.api import _uses_attention_interface
 from hf_turbo.patches.compat import TRANSFORMERS_VERSION, forward_cache_kwargs
 from hf_turbo.testing import TINY_ARCHS, tiny_model
-from hf_turbo.testing.exactness import explain_divergence, left_pad
+from hf_turbo.testing.exactness import explain_divergence, left_pad, stock_and_accelerated
 
 
 def _prompts(vocab: int, lengths=(5, 9, 3, 12), seed: int = 1) -> list[list[int]]:
@@ -148,12 +148,7 @@ def test_scores_logits_and_min_new_tokens_match_stock():
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=3, do_sample=False,
               pad_token_id=0, return_dict_in_generate=True, output_scores=True, output_logits=True,
               repetition_penalty=1.3)
-    stock = model.generate(**kw)
-    hf_turbo.accelerate(model)
-    try:
-        fast = model.generate(**kw)
-    finally:
-        hf_turbo.restore(model)
+    stock, fast = stock_and_accelerated(model, **kw)
     assert torch.equal(stock.sequences, fast.sequences)
     assert len(stock.scores) == len(fast.scores) == len(fast.logits)
     for s, f in zip(stock.scores, fast.scores):

@@ -19,7 +19,7 @@ import torch
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
 from hf_turbo.testing import fixture_path, tiny_model
-from hf_turbo.testing.exactness import explain_divergence, left_pad
+from hf_turbo.testing.exactness import explain_divergence, left_pad, stock_and_accelerated
 
 pytestmark = pytest.mark.gpu
 
@@ -93,14 +93,9 @@ def test_tiny_archs_fp32_match_stock(arch):
     ids, mask = left_pad(prompts, 0)
     kw = dict(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=32, do_sample=False,
               pad_token_id=0)
-    stock = model.generate(**kw)
-    hf_turbo.accelerate(model)
-    try:
-        fast = model.generate(**kw)
-        w = ids.shape[1]
-        _check(model, prompts, stock[:, w:].tolist(), fast[:, w:].tolist())
-    finally:
-        hf_turbo.restore(model)
+    stock, fast = stock_and_accelerated(model, **kw)
+    w = ids.shape[1]
+    _check(model, prompts, stock[:, w:].tolist(), fast[:, w:].tolist())
 
 
 ENGINE_VARIATIONS = {
@@ -165,12 +160,7 @@ def test_half_precision_runs_and_agrees_mostly(dtype):
     ids, mask = left_pad(prompts, tok.pad_token_id)
     kw = dict(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=32, do_sample=False,
               pad_token_id=tok.pad_token_id)
-    stock = model.generate(**kw)
-    hf_turbo.accelerate(model)
-    try:
-        fast = model.generate(**kw)
-    finally:
-        hf_turbo.restore(model)
+    stock, fast = stock_and_accelerated(model, **kw)
     assert fast.shape == stock.shape
     w = ids.shape[1]
     first = [next((i for i, (a, b) in enumerate(zip(s, f)) if a != b), 32)

@@ -61,21 +61,23 @@ class ContiguousKV:
         new_k/new_v: [n, H_kv, D], the K/V of positions ``[start, start + n)`` (already in the pool).
         block_row: the sequence's block table row, read only when the buffer is behind ``start``.
         """
-        keys, values = self.extend_many(layer, [seq], [start], new_k, new_v, [0, new_k.shape[0]], k_pool, v_pool,
+        n = new_k.shape[0]
+        keys, values = self.extend_many(layer, [seq], [start + n], new_k, new_v, [0, n], k_pool, v_pool,
                                         block_row[None])
         return keys[0], values[0]
 
-    def extend_many(self, layer: int, seqs: list, starts: list[int], new_k: Tensor, new_v: Tensor, cu: list[int],
-                    k_pool: Tensor, v_pool: Tensor, block_tables: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def extend_many(self, layer: int, seqs: list, context_lens: list[int], new_k: Tensor, new_v: Tensor,
+                    cu: list[int], k_pool: Tensor, v_pool: Tensor, block_tables: Tensor
+                    ) -> tuple[list[Tensor], list[Tensor]]:
         """:meth:`extend` for a packed forward: sequence i's new K/V are rows ``cu[i]:cu[i + 1]`` of
-        new_k/new_v and start at position ``starts[i]``; all appends are one batched copy."""
+        new_k/new_v, the last positions of its ``context_lens[i]``; all appends are one batched copy."""
         dst: list[Tensor] = []
         src: list[Tensor] = []
         keys: list[Tensor] = []
         values: list[Tensor] = []
         for i, seq in enumerate(seqs):
-            start, q0, q1 = starts[i], cu[i], cu[i + 1]
-            end = start + q1 - q0
+            q0, q1, end = cu[i], cu[i + 1], context_lens[i]
+            start = end - (q1 - q0)
             layers = self._seqs.get(seq)
             if layers is None:
                 layers = self._seqs[seq] = [None] * self.num_layers

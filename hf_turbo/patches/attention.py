@@ -66,8 +66,7 @@ def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scalin
     mirror = ctx.cache.contiguous
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
     cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
-    starts = [lens[s] - (cu[s + 1] - cu[s]) for s in range(len(lens))]
-    keys, values = mirror.extend_many(layer, ctx.seqs, starts, new_k, new_v, cu, k_pool, v_pool, ctx.block_tables)
+    keys, values = mirror.extend_many(layer, ctx.seqs, lens, new_k, new_v, cu, k_pool, v_pool, ctx.block_tables)
     out = sequence_attention_ref(q, cu, lens, keys, values, scale=scaling, sliding_window=sliding_window,
                                  softcap=softcap)
     return out.unsqueeze(0)

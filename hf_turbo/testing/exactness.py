@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["left_pad", "Divergence", "first_divergence", "explain_divergence", "NEAR_TIE_FP32"]
+__all__ = ["left_pad", "Divergence", "first_divergence", "explain_divergence", "stock_and_accelerated",
+           "NEAR_TIE_FP32"]
 
 NEAR_TIE_FP32 = 1e-4  # stock's top-2 logit gap under this is a genuine tie at fp32 rounding
 
@@ -58,3 +59,16 @@ def explain_divergence(model, prompt: list[int], stock_new: list[int], turbo_new
     top = torch.topk(logits, 2)
     gap = float(top.values[0] - top.values[1])
     return Divergence(row, pos, s_tok, t_tok, gap, int(top.indices[1]) == t_tok)
+
+
+def stock_and_accelerated(model, **generate_kwargs):
+    """``model.generate(**generate_kwargs)`` stock, then accelerated (restored afterwards): (stock, fast)."""
+    import hf_turbo
+
+    stock = model.generate(**generate_kwargs)
+    hf_turbo.accelerate(model)
+    try:
+        fast = model.generate(**generate_kwargs)
+    finally:
+        hf_turbo.restore(model)
+    return stock, fast
