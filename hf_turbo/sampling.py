@@ -125,15 +125,21 @@ def random_seed() -> int:
 def process_logits(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     """Apply each row's processors in transformers' order. ``logits`` [N, V] float32, modified copy."""
     scores = logits
+    # EOS before min_new_tokens, all rows in one write (-inf stays -inf through every later processor,
+    # so doing it first equals transformers' order)
+    eos = [(i, e) for i, row in enumerate(rows) if row.position < row.params.min_new_tokens for e in row.eos_ids]
+    if eos:
+        r, c = zip(*eos)
+        scores[list(r), list(c)] = -math.inf
     for i, row in enumerate(rows):
         p = row.params
+        if p.greedy and p.repetition_penalty == 1.0:
+            continue
         if p.repetition_penalty != 1.0 and row.history:
             ids = torch.as_tensor(list(row.history), dtype=torch.long, device=scores.device)
             s = scores[i].gather(0, ids)
             s = torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
             scores[i].scatter_(0, ids, s)
-        if row.position < p.min_new_tokens and row.eos_ids:
-            scores[i, list(row.eos_ids)] = -math.inf
         if p.greedy:
             continue
         if p.temperature != 1.0:

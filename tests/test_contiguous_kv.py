@@ -98,10 +98,48 @@ def test_sequence_attention_equals_paged_reference_bitwise(window, softcap):
         cu.append(cu[-1] + n)
     ref = paged_attention_ref(q, kp, vp, torch.tensor(cu, dtype=torch.int32), torch.tensor(ctx_lens, dtype=torch.int32),
                               table, scale=0.3, sliding_window=window, softcap=softcap)
-    keys = [_gather_keys(kp, table[s], 0, n).clone() for s, n in enumerate(ctx_lens)]
-    values = [_gather_keys(vp, table[s], 0, n).clone() for s, n in enumerate(ctx_lens)]
+    keys = [_gather_keys(kp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
+    values = [_gather_keys(vp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
     got = sequence_attention_ref(q, cu, ctx_lens, keys, values, scale=0.3, sliding_window=window, softcap=softcap)
     assert torch.equal(got, ref)
+    # the same keys in arenas (rows in a shuffled order, spare capacity past each length)
+    slots = [4, 0, 2, 5, 1, 3]
+    k_arena = torch.full((len(slots), H_KV, max(ctx_lens) + 5, D), float("nan"))
+    v_arena = torch.full_like(k_arena, float("nan"))
+    for s, n in enumerate(ctx_lens):
+        k_arena[slots[s], :, :n], v_arena[slots[s], :, :n] = keys[s], values[s]
+    got = sequence_attention_ref(q, cu, ctx_lens, k_arena, v_arena, slots=slots, scale=0.3, sliding_window=window,
+                                 softcap=softcap)
+    assert torch.equal(got, ref)
+
+
+def test_plan_appends_many_sequences_and_reuses_slots():
+    mirror = ContiguousKV(num_layers=2, block_size=BS)
+    seqs = [_Seq() for _ in range(11)]  # more than the initial 8 slots: the arenas grow
+    data = [_pool_with_sequence(n, seed=i) for i, n in enumerate(range(3, 80, 7))]
+    cu, lens, ks, vs = [0], [], [], []
+    for k, v, *_ in data:
+        cu.append(cu[-1] + k.shape[0])
+        lens.append(k.shape[0])
+        ks.append(k)
+        vs.append(v)
+    for layer in range(2):
+        plan = mirror.plan(seqs, lens, cu) if layer == 0 else plan
+        ka, va = mirror.append(layer, plan, torch.cat(ks), torch.cat(vs), data[0][2], data[0][3], data[0][4][None])
+        for i, slot in enumerate(plan.slots):
+            assert torch.equal(ka[slot, :, :lens[i]], ks[i].transpose(0, 1))
+            assert torch.equal(va[slot, :, :lens[i]], vs[i].transpose(0, 1))
+    assert len(set(plan.slots)) == len(seqs) and ka.shape[0] >= len(seqs) and ka.shape[2] >= max(lens)
+    freed = plan.slots[3]
+    mirror.drop(seqs[3])
+    newcomer = _Seq()
+    assert mirror.plan([newcomer], [1], [0, 1]).slots == [freed]
+    del seqs[5]
+    gc.collect()
+    assert len(mirror) == 11 - 1 - 1 + 1  # seq 3 dropped, seq 5 collected, the newcomer added
+    for seq in [*seqs, newcomer]:
+        mirror.drop(seq)
+    assert len(mirror) == 0 and mirror.nbytes() == 0  # the arenas go with the last sequence
 
 
 def test_engine_frees_copies_and_matches_block_table_path(monkeypatch):

@@ -128,6 +128,24 @@ def test_prefix_cache_cold_vs_warm(prefix_len):
         hf_turbo.restore(model)
 
 
+def test_requests_sharing_a_prefix_wait_for_the_first_prefill_instead_of_recomputing_it():
+    arch = "llama"
+    model = _model(arch)
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 400, (64,), generator=g).tolist()  # 8 full blocks of 8
+    prompts = [prefix + torch.randint(3, 400, (n,), generator=g).tolist() for n in (3, 9, 14, 5)]
+    try:
+        engine = _engine(arch, block_size=8, max_num_batched_tokens=512)  # all four fit one step's budget
+        outs = engine.generate(prompts, GREEDY, use_tqdm=False)  # a cold cache: only in-flight sharing
+        assert [o.num_cached_tokens for o in outs] == [0, 64, 64, 64]
+        engine.check_invariants()
+        assert engine.pool.num_free == engine.pool.num_blocks
+        cold = _run(_engine(arch, enable_prefix_caching=False), prompts, GREEDY)
+        assert [tuple(o.token_ids) for o in outs] == cold
+    finally:
+        hf_turbo.restore(model)
+
+
 def test_seeded_sampling_identical_across_variations():
     arch = "qwen2"
     prompts = _prompts(_model(arch).config.vocab_size)[:16]

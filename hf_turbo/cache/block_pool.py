@@ -134,6 +134,13 @@ class BlockPool:
         """The block caching this hash, or None (does not take a reference)."""
         return self._hash_to_block.get(block_hash)
 
+    def peek_prefix(self, hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of a hash chain are cached (takes no reference, counts no query)."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self._hash_to_block:
+            n += 1
+        return n
+
     def match_prefix(self, hashes: Sequence[bytes]) -> list[int]:
         """Longest run of cached blocks for a chain of block hashes; takes a reference to each."""
         found = []

@@ -40,6 +40,7 @@ class ForwardContext:
     host_cu_seqlens_q: list[int] | None = None
     host_context_lens: list[int] | None = None
     seqs: list | None = None
+    mirror_plan: object | None = None  # ContiguousKV.plan of this forward, made by its first attention call
 
 
 def kv_layout(config) -> tuple[int, int, int]:

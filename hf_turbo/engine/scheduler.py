@@ -7,7 +7,9 @@ stops admission, so nobody behind it overtakes it (FCFS, no starvation). When a 
 needs a block and none is free, the most recently arrived running request is preempted: its blocks
 are freed and it goes back to the front of the queue to be recomputed later, which gives the same
 output because sampling is keyed by position. With prefix caching, a newly admitted request first
-takes every cached full block of its prefix.
+takes every cached full block of its prefix; and one whose next uncached block is still being
+computed by a running request's prefill waits (admission stops there, FCFS) until that prefill
+has cached it, instead of computing the same prefix a second time in the same steps.
 
 Speculation: a running request's ``spec_tokens`` ride along in its chunk (verification). They are
 optional work: cut to fit the token budget, dropped rather than taking a block a later running
@@ -132,12 +134,19 @@ class Scheduler:
             budget -= n
             i += 1
 
+        producing: set[bytes] | None = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             if req.num_computed == 0 and not req.block_ids and self.enable_prefix_caching:
                 # never take the block holding the last token: one token must be computed for logits
                 max_blocks = (req.num_tokens - 1) // self.block_size
                 hashes = req.full_block_hashes(self.block_size)[:max_blocks]
+                hit = self.pool.peek_prefix(hashes)
+                if hit < len(hashes):
+                    if producing is None:
+                        producing = self._blocks_in_production()
+                    if hashes[hit] in producing:
+                        break  # a running prefill is computing this prefix: wait for it, do not compute it twice
                 cached = self.pool.match_prefix(hashes)
                 req.block_ids = cached
                 req.num_computed = len(cached) * self.block_size
@@ -155,7 +164,21 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append((req, n))
             budget -= n
+            if producing is not None:  # it is now a running prefill too
+                producing.update(self._unfinished_block_hashes(req))
         return out
+
+    def _blocks_in_production(self) -> set[bytes]:
+        """Hashes of the full blocks that running prefills have yet to compute (and will then cache)."""
+        producing: set[bytes] = set()
+        for req in self.running:
+            producing.update(self._unfinished_block_hashes(req))
+        return producing
+
+    def _unfinished_block_hashes(self, req: Request) -> list[bytes]:
+        if req.num_tokens - req.num_computed <= 1:  # decoding: no prefill blocks left to compute
+            return []
+        return req.full_block_hashes(self.block_size)[req.num_computed // self.block_size:]
 
     def commit(self, out: SchedulerOutput) -> None:
         """After the forward: advance progress and publish newly full blocks to the prefix cache."""

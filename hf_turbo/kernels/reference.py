@@ -233,10 +233,11 @@ def sequence_attention_ref(
     q: Tensor,
     q_starts: list[int],
     context_lens: list[int],
-    keys: list[Tensor],
-    values: list[Tensor],
+    keys: Tensor | list[Tensor],
+    values: Tensor | list[Tensor],
     *,
     scale: float,
+    slots: list[int] | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     out: Tensor | None = None,
@@ -244,12 +245,20 @@ def sequence_attention_ref(
     """``paged_attention_ref`` with each sequence's keys already contiguous (no block tables, no gather).
 
     q: [T, H_q, D]; sequence s owns rows ``q_starts[s]:q_starts[s + 1]`` and attends positions
-    ``[0, context_lens[s])`` held in ``keys[s]`` / ``values[s]`` ([>= context_lens[s], H_kv, D], views are
-    fine). The same per-sequence SDPA calls as ``paged_attention_ref`` on the same values, so the same bits.
+    ``[0, context_lens[s])``, head-major: either ``keys[s]`` / ``values[s]`` ([H_kv, >= context_lens[s], D],
+    views are fine), or, with ``slots``, row ``slots[s]`` of arenas ``keys`` / ``values``
+    ([num_slots, H_kv, capacity, D], see ``cache/contiguous.py``). The same per-sequence SDPA calls as
+    ``paged_attention_ref`` on the same values, so the same bits (the CPU kernel's result does not depend
+    on the keys' strides).
     """
     out_given = out
     out = torch.empty_like(q) if out is None else out
-    h_q, d = q.shape[1], q.shape[2]
+    t, h_q, d = q.shape
+    h_kv = keys.shape[1] if slots is not None else (keys[0].shape[0] if len(keys) else 1)
+    q_groups = q.view(t, h_kv, h_q // h_kv, d)  # decode rows: queries sharing a KV head as rows of one matrix
+    if slots is not None:
+        k_strides, v_strides = keys.stride(), values.stride()
+        k_base, v_base = keys.storage_offset(), values.storage_offset()
     rows: list[int] = []  # decode rows: outputs written by one index_copy_ at the end
     outs: list[Tensor] = []
     for s, length in enumerate(context_lens):
@@ -258,18 +267,22 @@ def sequence_attention_ref(
             continue
         q_pos0 = length - (q1 - q0)
         start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0
-        k, v = keys[s][start:length], values[s][start:length]
+        if slots is None:
+            k, v = keys[s][None, :, start:length], values[s][None, :, start:length]
+        else:  # [1, H_kv, L, D] views of row slots[s] (as_strided: the cheapest way to make them)
+            shape, r = (1, h_kv, length - start, d), slots[s]
+            k = keys.as_strided(shape, k_strides, k_base + r * k_strides[0] + start * k_strides[2])
+            v = values.as_strided(shape, v_strides, v_base + r * v_strides[0] + start * v_strides[2])
         if q1 - q0 == 1 and softcap is None:
-            h_kv = k.shape[1]
-            outs.append(F.scaled_dot_product_attention(q[q0].view(1, h_kv, h_q // h_kv, d), k.transpose(0, 1)[None],
-                                                       v.transpose(0, 1)[None], scale=scale))  # [1, H_kv, g, D]
+            outs.append(F.scaled_dot_product_attention(q_groups[q0 : q0 + 1], k, v, scale=scale))  # [1, H_kv, g, D]
             rows.append(q0)
             continue
         out[q0:q1] = _attend(
-            q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
+            q[q0:q1], k[0].transpose(0, 1), v[0].transpose(0, 1), q_pos0, start, scale=scale, causal=True,
+            sliding_window=sliding_window, softcap=softcap
         )
-    if len(rows) == q.shape[0] and out_given is None:  # a pure decode step: the outputs are all rows, in order
-        return torch.cat(outs).view(len(rows), h_q, d)
+    if len(rows) == t and out_given is None:  # a pure decode step: the outputs are all rows, in order
+        return torch.cat(outs).view(t, h_q, d)
     if rows:
         out.index_copy_(0, torch.tensor(rows, device=q.device), torch.cat(outs).view(len(rows), h_q, d))
     return out

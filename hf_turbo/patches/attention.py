@@ -64,11 +64,13 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap):
     """CPU path: append this forward's K/V to each sequence's contiguous copy and attend over views."""
     mirror = ctx.cache.contiguous
-    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
     cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
-    keys, values = mirror.extend_many(layer, ctx.seqs, lens, new_k, new_v, cu, k_pool, v_pool, ctx.block_tables)
-    out = sequence_attention_ref(q, cu, lens, keys, values, scale=scaling, sliding_window=sliding_window,
-                                 softcap=softcap)
+    if ctx.mirror_plan is None:  # once per forward: slots, arena growth, where the new tokens go
+        ctx.mirror_plan = mirror.plan(ctx.seqs, lens, cu)
+    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
+    k_arena, v_arena = mirror.append(layer, ctx.mirror_plan, new_k, new_v, k_pool, v_pool, ctx.block_tables)
+    out = sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=ctx.mirror_plan.slots, scale=scaling,
+                                 sliding_window=sliding_window, softcap=softcap)
     return out.unsqueeze(0)
 
 
