@@ -32,6 +32,7 @@ __all__ = ["ContiguousKV", "MirrorPlan"]
 
 _MIN_CAPACITY = 64
 _MIN_SLOTS = 8
+_SMALL_PLAN = 256  # decode steps up to this many sequences build their arena index from Python ints
 
 
 class _SeqState:
@@ -56,17 +57,24 @@ class MirrorPlan:
     ends: list[int]
     cu: list[int]
     capacity: int
-    _pos_slot: Tensor  # [2, T] int64: each new token's position and slot
+    _pos_slot: Tensor | tuple[list[int], list[int]]  # each new token's position and slot ([2, T] or lists)
     _index: dict[int, Tensor] = field(default_factory=dict)
 
     def index(self, num_heads: int, device: torch.device) -> Tensor:
         """[T * H] flat row of each (token, head) in an arena viewed as ``[slots * H * capacity, D]``."""
         idx = self._index.get(num_heads)
-        if idx is None:
+        if idx is not None:
+            return idx
+        cap = self.capacity
+        if isinstance(self._pos_slot, tuple):  # few tokens: cheaper as Python ints
+            pos, slot = self._pos_slot
+            idx = torch.tensor([(s * num_heads + h) * cap + p for p, s in zip(pos, slot, strict=True)
+                                for h in range(num_heads)], dtype=torch.int64, device=device)
+        else:
             pos, slot = self._pos_slot.to(device)
             heads = torch.arange(num_heads, dtype=torch.int64, device=device)
-            idx = ((slot[:, None] * num_heads + heads[None, :]) * self.capacity + pos[:, None]).reshape(-1)
-            self._index[num_heads] = idx
+            idx = ((slot[:, None] * num_heads + heads[None, :]) * cap + pos[:, None]).reshape(-1)
+        self._index[num_heads] = idx
         return idx
 
 
@@ -128,14 +136,17 @@ class ContiguousKV:
         need = max(context_lens, default=0)
         if need > self._capacity or self._next_slot > self._num_slots:
             self._grow(need)
-        counts = torch.tensor([cu[i + 1] - cu[i] for i in range(len(seqs))], dtype=torch.int64)
-        # position of each new token: start of its sequence + offset within the sequence's rows
-        offsets = torch.tensor([s - c for s, c in zip(starts, cu[:-1], strict=True)], dtype=torch.int64)
         total = cu[-1] if cu else 0
-        pos = torch.repeat_interleave(offsets, counts, output_size=total) + torch.arange(total, dtype=torch.int64)
-        slot_t = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), counts, output_size=total)
-        return MirrorPlan(states, slots, starts, list(context_lens), list(cu), self._capacity,
-                          torch.stack([pos, slot_t]))
+        if total <= _SMALL_PLAN and total == len(seqs) and all(c1 - c0 == 1 for c0, c1 in zip(cu, cu[1:])):
+            pos_slot = (starts, slots)  # decode: each sequence's one new token sits at its start
+        else:
+            counts = torch.tensor([cu[i + 1] - cu[i] for i in range(len(seqs))], dtype=torch.int64)
+            # position of each new token: start of its sequence + offset within the sequence's rows
+            offsets = torch.tensor([s - c for s, c in zip(starts, cu[:-1], strict=True)], dtype=torch.int64)
+            pos = torch.repeat_interleave(offsets, counts, output_size=total) + torch.arange(total, dtype=torch.int64)
+            slot_t = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), counts, output_size=total)
+            pos_slot = torch.stack([pos, slot_t])
+        return MirrorPlan(states, slots, starts, list(context_lens), list(cu), self._capacity, pos_slot)
 
     def append(self, layer: int, plan: MirrorPlan, new_k: Tensor, new_v: Tensor, k_pool: Tensor,
                v_pool: Tensor, block_tables: Tensor) -> tuple[Tensor, Tensor]:

@@ -113,7 +113,8 @@ class PagedKVCache(Cache):
         # [1, H_kv, T, D] -> [T, H_kv, D]
         k = key_states[0].transpose(0, 1)
         v = value_states[0].transpose(0, 1)
-        store_kv(k, v, self.key_pools[layer_idx], self.value_pools[layer_idx], self.ctx.slot_mapping)
+        store_kv(k, v, self.key_pools[layer_idx], self.value_pools[layer_idx], self.ctx.slot_mapping,
+                 validate=False)  # the runner's slots: int64, all valid
         return key_states, value_states
 
     # -- what transformers' model and mask code asks of a cache --------------------------------

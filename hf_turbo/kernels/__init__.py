@@ -63,10 +63,19 @@ def use_triton(backend: str, t: Tensor) -> bool:
 
 
 def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
-             backend: str = "auto") -> None:
-    """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place."""
+             backend: str = "auto", validate: bool = True) -> None:
+    """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place.
+
+    ``validate=False`` (the engine's runner): the caller guarantees the shapes and dtypes, an int64
+    slot_mapping and no -1 slot, so the torch path is two ``index_copy_`` calls and nothing else.
+    """
     if use_triton(backend, key):
         _store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        return
+    if not validate:
+        h, d = k_cache.shape[2], k_cache.shape[3]
+        k_cache.view(-1, h, d).index_copy_(0, slot_mapping, key)
+        v_cache.view(-1, h, d).index_copy_(0, slot_mapping, value)
         return
     _validate.check_store_kv(key, value, k_cache, v_cache, slot_mapping)
     store_kv_ref(key, value, k_cache, v_cache, slot_mapping)

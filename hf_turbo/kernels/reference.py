@@ -252,7 +252,6 @@ def sequence_attention_ref(
     on the keys' strides).
     """
     out_given = out
-    out = torch.empty_like(q) if out is None else out
     t, h_q, d = q.shape
     h_kv = keys.shape[1] if slots is not None else (keys[0].shape[0] if len(keys) else 1)
     q_groups = q.view(t, h_kv, h_q // h_kv, d)  # decode rows: queries sharing a KV head as rows of one matrix
@@ -277,12 +276,16 @@ def sequence_attention_ref(
             outs.append(F.scaled_dot_product_attention(q_groups[q0 : q0 + 1], k, v, scale=scale))  # [1, H_kv, g, D]
             rows.append(q0)
             continue
+        if out is None:
+            out = torch.empty_like(q)
         out[q0:q1] = _attend(
             q[q0:q1], k[0].transpose(0, 1), v[0].transpose(0, 1), q_pos0, start, scale=scale, causal=True,
             sliding_window=sliding_window, softcap=softcap
         )
     if len(rows) == t and out_given is None:  # a pure decode step: the outputs are all rows, in order
-        return torch.cat(outs).view(t, h_q, d)
+        return (outs[0] if t == 1 else torch.cat(outs)).view(t, h_q, d)
+    if out is None:
+        out = torch.empty_like(q)
     if rows:
         out.index_copy_(0, torch.tensor(rows, device=q.device), torch.cat(outs).view(len(rows), h_q, d))
     return out
