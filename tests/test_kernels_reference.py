@@ -298,3 +298,32 @@ def test_triton_rejects_what_it_cannot_take():
     with pytest.raises(ValueError, match="head dim 8"):
         flash_attention_varlen(q8, q8[:, :2], q8[:, :2], cumsum0([2, 1]), cumsum0([2, 1]), scale=1.0,
                                backend="triton")
+
+
+@pytest.mark.parametrize("lq,lk,window", [(5, 37, None), (40, 300, None), (3, 9, 4), (17, 120, 50), (1, 64, 8)])
+def test_cached_additive_mask_gives_the_bool_masks_bits(lq, lk, window):
+    """The small-window path passes SDPA a cached 0/-inf mask: bitwise what the bool mask gives."""
+    from hf_turbo.kernels.reference import _attend, _causal_mask, _fold_group, _unfold_group
+
+    g = torch.Generator().manual_seed(lq * 1000 + lk)
+    q = torch.randn(lq, 4, 16, generator=g)
+    k = torch.randn(lk, 2, 16, generator=g)
+    v = torch.randn(lk, 2, 16, generator=g)
+    for k_pos0 in (0, 3):
+        q_pos0 = k_pos0 + lk - lq
+        got = _attend(q, k, v, q_pos0, k_pos0, scale=0.3, causal=True, sliding_window=window, softcap=None)
+        again = _attend(q, k, v, q_pos0, k_pos0, scale=0.3, causal=True, sliding_window=window, softcap=None)
+        mask = _causal_mask(lq, lk, q_pos0 - k_pos0, window, q.device).repeat(2, 1)
+        want = _unfold_group(F.scaled_dot_product_attention(
+            _fold_group(q, 2)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=0.3)[0], lq)
+        assert torch.equal(got, want) and torch.equal(again, want)
+
+
+def test_store_kv_unvalidated_path_equals_the_reference():
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g)
+    slots = torch.tensor([9, 0, 4, 17, 3, 12])
+    caches = [torch.zeros(5, 4, 2, 8) for _ in range(4)]
+    store_kv(k, v, caches[0], caches[1], slots)
+    store_kv(k, v, caches[2], caches[3], slots, validate=False)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])

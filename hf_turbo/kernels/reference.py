@@ -15,6 +15,8 @@ with a softcap).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +25,8 @@ __all__ = ["store_kv_ref", "paged_attention_ref", "flash_attention_varlen_ref", 
 
 # Score elements per chunk in the manual (softcap) path: bounds memory for long prefills.
 _SOFTCAP_CHUNK_ELEMS = 1 << 24
+# Masks up to this many elements are cached (an LRU of 128: at most 64 MiB in float32).
+_MASK_CACHE_ELEMS = 1 << 17
 
 
 def store_kv_ref(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -69,6 +73,26 @@ def _softcap_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sca
     return _unfold_group(out, lq).to(q.dtype)
 
 
+def _causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, device) -> Tensor:
+    """[Lq, Lk] bool, True = attend: query j sits at key position offset + j."""
+    qp = torch.arange(offset, offset + lq, device=device)[:, None]
+    kp = torch.arange(lk, device=device)[None, :]
+    mask = kp <= qp
+    if sliding_window is not None:
+        mask &= kp > qp - sliding_window
+    return mask
+
+
+@functools.lru_cache(maxsize=128)
+def _additive_causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, groups: int, dtype: torch.dtype,
+                          device) -> Tensor:
+    """``_causal_mask`` repeated for the ``groups`` query heads of a KV head, as the 0 / -inf float mask
+    that SDPA makes of a bool one (``where(mask, 0, -inf)``): passing it gives the same bits."""
+    mask = _causal_mask(lq, lk, offset, sliding_window, device).repeat(groups, 1)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device)
+    return bias.masked_fill_(~mask, float("-inf"))
+
+
 def _attend(
     q: Tensor,
     k: Tensor,
@@ -95,12 +119,15 @@ def _attend(
         if not all_visible:
             if sliding_window is None and softcap is None and lq == lk and q_pos0 == k_pos0:
                 is_causal = True
+            elif softcap is None and (h_q // h_kv) * lq * lk <= _MASK_CACHE_ELEMS:
+                # small windows (speculative verification, short chunks after cached prefixes) recur in
+                # every layer of a step: the additive mask SDPA would derive from a bool mask, made once
+                bias = _additive_causal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, h_q // h_kv, q.dtype, q.device)
+                o = F.scaled_dot_product_attention(_fold_group(q, h_kv)[None], k.transpose(0, 1)[None],
+                                                   v.transpose(0, 1)[None], attn_mask=bias, scale=scale)
+                return _unfold_group(o[0], lq)
             else:
-                qp = torch.arange(q_pos0, q_pos0 + lq, device=q.device)[:, None]
-                kp = torch.arange(k_pos0, k_pos0 + lk, device=q.device)[None, :]
-                mask = kp <= qp
-                if sliding_window is not None:
-                    mask &= kp > qp - sliding_window
+                mask = _causal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, q.device)
     if softcap is not None:
         return _softcap_attention(q, k, v, mask, scale, softcap)
     if is_causal:
