@@ -12,7 +12,7 @@ import torch
 import hf_turbo
 from hf_turbo import Engine, SamplingParams, TurboConfig
 from hf_turbo.spec import AdaptiveK, NgramProposer, SpeculativeConfig
-from hf_turbo.spec.adaptive import PROBE_EVERY
+from hf_turbo.spec.adaptive import PROBE_EVERY, PROBE_REQUESTS
 from hf_turbo.testing import fixture_path, tiny_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -151,7 +151,10 @@ def test_seeded_sampling_identical_with_and_without_speculation():
                      SpeculativeConfig("ngram", num_tokens=2, adaptive=False)):
             got, stats = _run(model, prompts, params, spec)
             assert got == plain, spec.method
-            assert stats["spec_accepted"] > 0
+            assert stats["spec_proposed"] > 0  # verify steps ran
+            # the fixed-k ones keep speculating, so some proposals are accepted (the adaptive one, an
+            # unrelated draft, may stop after its first rejected probes)
+            assert stats["spec_accepted"] > 0 or spec.adaptive
     finally:
         hf_turbo.restore(model)
 
@@ -294,6 +297,20 @@ def test_adaptive_k_backs_off_and_probes():
     probes = [ctl.plan(ids, [6] * 6, 6, 1.0, 0.0) for _ in range(PROBE_EVERY)]  # verifying costs a whole step
     assert probes[:-1] == [[0] * 6] * (PROBE_EVERY - 1) and probes[-1] == [1, 1, 1, 1, 0, 0]  # a few, in turn
     assert AdaptiveK(k_max=6, adaptive=False).plan(["x", "y"], [9, 3], 2, 1.0, 5.0) == [6, 3]
+
+
+def test_adaptive_k_tries_a_few_requests_before_a_whole_batch_and_pools_what_it_learns():
+    ctl = AdaptiveK(k_max=4)
+    ids = [f"r{i}" for i in range(32)]
+    first = ctl.plan(ids, [60] * 32, 32, 0.005, 0.05, drain=True)  # the prior (a = 0.7) says speculate
+    assert first == [1] * PROBE_REQUESTS + [0] * (32 - PROBE_REQUESTS)
+    for rid in ids[:PROBE_REQUESTS]:
+        ctl.record(rid, 1, 0)  # rejected: the batch's acceptance is low
+    assert ctl.rate("r31") < 0.5 and ctl.rate("r0") < 0.5  # unmeasured requests take the pooled estimate
+    assert ctl.plan(ids, [60] * 32, 32, 0.005, 0.05, drain=True) == [0] * 32
+    for _ in range(10):
+        ctl.record("r0", 4, 4)
+    assert ctl.plan(["r0"], [60], 1, 0.005, 0.05) == [4]  # a measured request keeps its own rate
 
 
 def test_adaptive_k_when_the_batch_drains_speculates_all_or_none():

@@ -16,7 +16,9 @@ probe does not pay, so a phase change (an output that starts copying its input) 
 bounded cost.
 
 ``a_i`` is an exponentially weighted count of accepted / tried proposals (m accepted of k is m
-successes and, if m < k, one failure). ``alpha``, ``beta`` come from :class:`StepCost`, a fit of the
+successes and, if m < k, one failure); a request not measured yet gets the same count pooled over
+every request's verify steps, and before any verify step at all only ``PROBE_REQUESTS`` requests try
+k = 1 (a prior is no reason to have a draft catch up with a whole batch's prompts). ``alpha``, ``beta`` come from :class:`StepCost`, a fit of the
 target's measured step times; ``draft`` is the draft's measured forward time (0 for n-gram lookup).
 """
 
@@ -65,6 +67,7 @@ class AdaptiveK:
         self._idle = 0  # plain steps since the last speculative one
         self._probe_every = PROBE_EVERY
         self._probe_next = 0  # where in the batch the next probe starts
+        self._pooled: _Acceptance | None = None  # every request's verify steps together (None: none yet)
 
     def plan(self, request_ids: Sequence[str], caps: Sequence[int], batch: int, token_cost: float,
              draft_cost: float, drain: bool = False) -> list[int]:
@@ -87,6 +90,10 @@ class AdaptiveK:
         if best_k:
             self._idle, self._probe_every = 0, PROBE_EVERY
             chosen = set(order[:best_n])
+            if self._pooled is None and len(chosen) > PROBE_REQUESTS:
+                # nothing measured yet, only the prior says it pays: try a few requests before a whole
+                # batch (a draft would first have to catch up with every request's prompt)
+                chosen, best_k = set(sorted(chosen)[:PROBE_REQUESTS]), 1
             return [min(best_k, c) if i in chosen else 0 for i, c in enumerate(caps)]
         self._idle += 1
         if self._idle < self._probe_every:
@@ -128,12 +135,15 @@ class AdaptiveK:
 
     def record(self, request_id: str, k: int, accepted: int) -> None:
         """A verify step of ``request_id`` had ``k`` proposals and accepted the first ``accepted``."""
-        st = self._acceptance.setdefault(request_id, _Acceptance())
-        st.accepted = DECAY * st.accepted + accepted
-        st.tried = DECAY * st.tried + accepted + (accepted < k)
+        if self._pooled is None:
+            self._pooled = _Acceptance()
+        for st in (self._acceptance.setdefault(request_id, _Acceptance()), self._pooled):
+            st.accepted = DECAY * st.accepted + accepted
+            st.tried = DECAY * st.tried + accepted + (accepted < k)
 
     def rate(self, request_id: str) -> float:
-        st = self._acceptance.get(request_id)
+        """The request's acceptance; for one not measured yet, that of the latest verify steps of any request."""
+        st = self._acceptance.get(request_id) or self._pooled
         return st.rate if st is not None else PRIOR_ACCEPTED / PRIOR_TRIED
 
     def release(self, request_id: str) -> None:

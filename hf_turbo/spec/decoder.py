@@ -30,6 +30,7 @@ __all__ = ["SpecDecoder", "num_accepted"]
 # A step that would speculate runs plain instead at the 2nd such step and every EXPLORE_EVERY-th after:
 # the step-time fit needs steps of different sizes to tell the fixed cost from the per-token cost.
 EXPLORE_EVERY = 16
+MAX_CATCH_UP = 4  # requests the draft model starts following per step
 
 
 def num_accepted(proposals: list[int], choices: list[int]) -> int:
@@ -79,6 +80,12 @@ class SpecDecoder:
                          [r.params.max_new_tokens - r.num_output_tokens - 1 for r in cands],
                          len(running), token_cost, draft_cost, drain=waiting == 0)
         reqs = [(r, k) for r, k in zip(cands, ks) if k > 0]
+        if self.config.method == "draft" and self.config.adaptive:
+            # a request the draft has not seen costs a prefill of its whole context first: admit a few per
+            # step, so that a wrong guess about the batch costs a few prefills, not a batch's worth
+            new = [i for i, (r, _) in enumerate(reqs) if r.request_id not in self._holding][MAX_CATCH_UP:]
+            skip = set(new)
+            reqs = [rk for i, rk in enumerate(reqs) if i not in skip]
         if not reqs:
             return
         self._spec_steps += 1
