@@ -34,7 +34,8 @@ def test_demo_one_at_a_time_and_batched_identical(capsys):
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "identical: yes; speed-up" in out
-    assert "as one padded batch" in out and out.count("identical: yes") == 4 + 2  # per prompt, then two summaries
+    assert "as one padded batch" in out and "through hf_turbo's Engine" in out
+    assert out.count("identical: yes") == 4 + 3  # per prompt, then three summaries
 
 
 def test_demo_with_missing_model_path_names_it(capsys):
