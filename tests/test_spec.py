@@ -328,6 +328,36 @@ def test_adaptive_k_when_the_batch_drains_speculates_all_or_none():
     assert ctl.plan(["good"], [6], 1, 0.01, 2.0, drain=True) == [0]
 
 
+def test_draft_caches_shared_prefixes_in_its_own_pool():
+    model = _model()
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, 500, (40,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 500, (n,), generator=g).tolist() for n in (2, 5, 9, 3)]
+    spec = SpeculativeConfig("draft", draft_model=_model(seed=0), num_tokens=3, adaptive=False)
+    try:
+        plain, _ = _run(model, prompts, GREEDY)
+        engine = Engine(model, config=TurboConfig(debug_checks=True, speculative=spec).replace(num_blocks=256,
+                                                                                              block_size=8))
+        try:
+            outs = [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)]
+            draft_pool = engine.spec.proposer.pool
+            assert draft_pool.prefix_hits >= 3 * (40 // 8)  # requests 2-4 reuse the prefix the first computed
+            assert outs == plain and engine.stats()["spec_accepted"] > 0
+            _assert_no_leak(engine)
+        finally:
+            engine.close()
+        # off with the engine's prefix caching: the draft computes every prompt itself, same output
+        engine = Engine(model, config=TurboConfig(debug_checks=True, speculative=spec).replace(
+            num_blocks=256, block_size=8, enable_prefix_caching=False))
+        try:
+            assert [o.token_ids for o in engine.generate(prompts, GREEDY, use_tqdm=False)] == plain
+            assert engine.spec.proposer.pool.prefix_hits == 0
+        finally:
+            engine.close()
+    finally:
+        hf_turbo.restore(model)
+
+
 def test_batch_backoff():
     model = _model()
     spec = SpeculativeConfig("draft", draft_model=model, num_tokens=3, adaptive=False, max_batch_for_spec=2)

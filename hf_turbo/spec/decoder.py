@@ -49,7 +49,8 @@ class SpecDecoder:
         self.config = config
         if config.method == "draft":
             self.proposer = DraftModelProposer(config.draft_model, num_blocks, turbo.cache.block_size,
-                                               turbo.backend, turbo.max_num_batched_tokens)
+                                               turbo.backend, turbo.max_num_batched_tokens,
+                                               prefix_caching=turbo.cache.enable_prefix_caching)
         else:
             self.proposer = NgramProposer(config.ngram_max, config.ngram_min)
         self.k = AdaptiveK(config.num_tokens, config.adaptive)

@@ -114,6 +114,8 @@ class _DraftSeq:
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     confirmed: int = 0
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full confirmed blocks
+    published: int = 0  # leading blocks already in the draft pool's prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -130,7 +132,7 @@ class DraftModelProposer:
     """
 
     def __init__(self, draft, num_blocks: int, block_size: int, backend: str = "auto",
-                 max_num_batched_tokens: int = 2048) -> None:
+                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True) -> None:
         from hf_turbo.api import accelerate, is_accelerated
 
         self.model = draft
@@ -142,6 +144,9 @@ class DraftModelProposer:
         self.pool = BlockPool(num_blocks, block_size)
         self.runner = ModelRunner(draft, self.cache, backend)
         self.max_num_batched_tokens = max_num_batched_tokens
+        # full blocks of target tokens are cached in the draft's pool too: requests sharing a prompt
+        # prefix (or one that comes back after preemption) make the draft compute it once
+        self.prefix_caching = prefix_caching
         self.max_len = getattr(draft.config.get_text_config(), "max_position_embeddings", None)
         self.seqs: dict[str, _DraftSeq] = {}
         self.forward_seconds = 0.0  # EWMA of one proposal round (forward + sampling), for the cost model
@@ -173,8 +178,13 @@ class DraftModelProposer:
     def _sync(self, req: Request) -> _DraftSeq:
         """Bring the draft's copy up to the request's tokens, keeping the KV of the accepted guesses."""
         seq = self.seqs.get(req.request_id)
+        bs = self.pool.block_size
         if seq is None:
             seq = self.seqs[req.request_id] = _DraftSeq(list(req.token_ids))
+            if self.prefix_caching:  # never the block of the last token: it is computed for its logits
+                seq.block_ids = self.pool.match_prefix(req.full_block_hashes(bs)[:(req.num_tokens - 1) // bs])
+                seq.published = len(seq.block_ids)
+                seq.num_computed = seq.published * bs
         else:
             valid = min(seq.confirmed, seq.num_computed)
             limit = min(seq.num_computed, req.num_tokens)
@@ -187,7 +197,16 @@ class DraftModelProposer:
             del seq.token_ids[valid:]
             seq.token_ids.extend(req.token_ids[valid:])
         seq.confirmed = req.num_tokens
+        if self.prefix_caching:
+            seq.hashes = req.full_block_hashes(bs)
         return seq
+
+    def _publish(self, seq: _DraftSeq) -> None:
+        """Cache the blocks that now hold only computed, confirmed tokens (never rewritten after)."""
+        full = min(seq.num_computed, seq.confirmed) // self.pool.block_size
+        for b in range(seq.published, min(full, len(seq.hashes))):
+            self.pool.cache_block(seq.block_ids[b], seq.hashes[b])
+        seq.published = max(seq.published, min(full, len(seq.hashes)))
 
     def _forward(self, seqs: list[_DraftSeq]) -> tuple[list[bool], torch.Tensor]:
         """Compute every seq up to its last token, packed into forwards within the token budget.
@@ -218,6 +237,8 @@ class DraftModelProposer:
                 row = 0
                 for i, n in batch:
                     seqs[i].num_computed += n
+                    if self.prefix_caching:
+                        self._publish(seqs[i])
                     if seqs[i].num_computed == seqs[i].num_tokens:  # the runner kept this seq's logits
                         out[i] = logits[row]
                         row += 1
@@ -234,8 +255,9 @@ class DraftModelProposer:
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         owned = sum(len(s.block_ids) for s in self.seqs.values())
-        if owned != self.pool.num_used:
-            raise AssertionError(f"draft pool: {self.pool.num_used} blocks used but sequences own {owned}")
+        refs = sum(self.pool.ref_counts)
+        if owned != refs:
+            raise AssertionError(f"draft pool: {refs} block references held but sequences own {owned}")
 
     def close(self) -> None:
         """Free every draft block and give the draft model back its own attention (if we switched it)."""
