@@ -304,6 +304,9 @@ def test_adaptive_k_tries_a_few_requests_before_a_whole_batch_and_pools_what_it_
     ids = [f"r{i}" for i in range(32)]
     first = ctl.plan(ids, [60] * 32, 32, 0.005, 0.05, drain=True)  # the prior (a = 0.7) says speculate
     assert first == [1] * PROBE_REQUESTS + [0] * (32 - PROBE_REQUESTS)
+    # nothing proposed (say, no n-gram match): the next step tries the next few requests
+    second = ctl.plan(ids, [60] * 32, 32, 0.005, 0.05, drain=True)
+    assert second == [0] * PROBE_REQUESTS + [1] * PROBE_REQUESTS + [0] * (32 - 2 * PROBE_REQUESTS)
     for rid in ids[:PROBE_REQUESTS]:
         ctl.record(rid, 1, 0)  # rejected: the batch's acceptance is low
     assert ctl.rate("r31") < 0.5 and ctl.rate("r0") < 0.5  # unmeasured requests take the pooled estimate

@@ -92,8 +92,13 @@ class AdaptiveK:
             chosen = set(order[:best_n])
             if self._pooled is None and len(chosen) > PROBE_REQUESTS:
                 # nothing measured yet, only the prior says it pays: try a few requests before a whole
-                # batch (a draft would first have to catch up with every request's prompt)
-                chosen, best_k = set(sorted(chosen)[:PROBE_REQUESTS]), 1
+                # batch (a draft would first have to catch up with every request's prompt), in turn, as
+                # a request may have nothing to propose (no n-gram match)
+                ranked = sorted(chosen)
+                first = self._probe_next % len(ranked)
+                chosen = {ranked[(first + j) % len(ranked)] for j in range(PROBE_REQUESTS)}
+                self._probe_next = first + PROBE_REQUESTS
+                best_k = 1
             return [min(best_k, c) if i in chosen else 0 for i, c in enumerate(caps)]
         self._idle += 1
         if self._idle < self._probe_every:
