@@ -123,8 +123,8 @@ def test_plan_appends_many_sequences_and_reuses_slots():
         lens.append(k.shape[0])
         ks.append(k)
         vs.append(v)
+    plan = mirror.plan(seqs, lens, cu)  # once per forward, for every layer
     for layer in range(2):
-        plan = mirror.plan(seqs, lens, cu) if layer == 0 else plan
         ka, va = mirror.append(layer, plan, torch.cat(ks), torch.cat(vs), data[0][2], data[0][3], data[0][4][None])
         for i, slot in enumerate(plan.slots):
             assert torch.equal(ka[slot, :, :lens[i]], ks[i].transpose(0, 1))

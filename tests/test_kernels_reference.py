@@ -314,8 +314,9 @@ def test_cached_additive_mask_gives_the_bool_masks_bits(lq, lk, window):
         got = _attend(q, k, v, q_pos0, k_pos0, scale=0.3, causal=True, sliding_window=window, softcap=None)
         again = _attend(q, k, v, q_pos0, k_pos0, scale=0.3, causal=True, sliding_window=window, softcap=None)
         mask = _causal_mask(lq, lk, q_pos0 - k_pos0, window, q.device).repeat(2, 1)
-        want = _unfold_group(F.scaled_dot_product_attention(
-            _fold_group(q, 2)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, scale=0.3)[0], lq)
+        want = F.scaled_dot_product_attention(_fold_group(q, 2)[None], k.transpose(0, 1)[None],
+                                              v.transpose(0, 1)[None], attn_mask=mask, scale=0.3)
+        want = _unfold_group(want[0], lq)
         assert torch.equal(got, want) and torch.equal(again, want)
 
 

@@ -47,15 +47,13 @@ class _SeqState:
 class MirrorPlan:
     """Where one packed forward's sequences live in the arenas; built once, shared by every layer.
 
-    Sequence i's new K/V are rows ``cu[i]:cu[i + 1]`` of the forward's packed K/V, the last positions
-    of its ``ends[i]``.
+    Sequence i's new K/V are positions ``starts[i]:ends[i]`` of its slot ``slots[i]``.
     """
 
     states: list[_SeqState]
     slots: list[int]
     starts: list[int]
     ends: list[int]
-    cu: list[int]
     capacity: int
     _pos_slot: Tensor | tuple[list[int], list[int]]  # each new token's position and slot ([2, T] or lists)
     _index: dict[int, Tensor] = field(default_factory=dict)
@@ -81,10 +79,9 @@ class MirrorPlan:
 class ContiguousKV:
     """Per-layer arenas holding a contiguous, head-major copy of each running sequence's K/V."""
 
-    def __init__(self, num_layers: int, block_size: int, max_len: int | None = None) -> None:
+    def __init__(self, num_layers: int, block_size: int) -> None:
         self.num_layers = num_layers
         self.block_size = block_size
-        self.max_len = max_len
         self._seqs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # seq -> _SeqState
         self._free: list[int] = []
         self._next_slot = 0  # slot ids handed out so far (ids below it are live or in _free)
@@ -118,10 +115,6 @@ class ContiguousKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)
 
-    def arenas(self, layer: int) -> tuple[Tensor | None, Tensor | None]:
-        """This layer's ``[slots, H_kv, capacity, D]`` key and value arenas (None before the first append)."""
-        return self._k[layer], self._v[layer]
-
     # -- per forward ---------------------------------------------------------------------------
     def plan(self, seqs: list, context_lens: list[int], cu: list[int]) -> MirrorPlan:
         """Give every sequence a slot, grow the arenas to fit, and index the forward's new tokens."""
@@ -146,7 +139,7 @@ class ContiguousKV:
             pos = torch.repeat_interleave(offsets, counts, output_size=total) + torch.arange(total, dtype=torch.int64)
             slot_t = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), counts, output_size=total)
             pos_slot = torch.stack([pos, slot_t])
-        return MirrorPlan(states, slots, starts, list(context_lens), list(cu), self._capacity, pos_slot)
+        return MirrorPlan(states, slots, starts, list(context_lens), self._capacity, pos_slot)
 
     def append(self, layer: int, plan: MirrorPlan, new_k: Tensor, new_v: Tensor, k_pool: Tensor,
                v_pool: Tensor, block_tables: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,8 +195,6 @@ class ContiguousKV:
             slots = max(self._next_slot, 2 * slots, _MIN_SLOTS)
         if length_needed > cap:
             cap = max(length_needed, 2 * cap, _MIN_CAPACITY)
-            if self.max_len is not None:
-                cap = max(length_needed, min(cap, self.max_len))
             cap = -(-cap // self.block_size) * self.block_size
         old_slots, old_cap = self._num_slots, self._capacity
         self._num_slots, self._capacity = slots, cap

@@ -113,6 +113,11 @@ class Request:
             self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
         return self.block_hashes[:n_full]
 
+    def reusable_prefix_hashes(self, block_size: int) -> list[bytes]:
+        """Hashes of the full blocks a cache hit may cover: never the block of the last token, which
+        must be computed for its logits."""
+        return self.full_block_hashes(block_size)[:(self.num_tokens - 1) // block_size]
+
     def to_output(self, text: str | None = None) -> RequestOutput:
         ttft = None if self.first_token_time is None else self.first_token_time - self.arrival
         total = None if self.finish_time is None else self.finish_time - self.arrival

@@ -138,9 +138,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
             if req.num_computed == 0 and not req.block_ids and self.enable_prefix_caching:
-                # never take the block holding the last token: one token must be computed for logits
-                max_blocks = (req.num_tokens - 1) // self.block_size
-                hashes = req.full_block_hashes(self.block_size)[:max_blocks]
+                hashes = req.reusable_prefix_hashes(self.block_size)
                 hit = self.pool.peek_prefix(hashes)
                 if hit < len(hashes):
                     if producing is None:

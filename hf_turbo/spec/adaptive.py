@@ -18,8 +18,9 @@ bounded cost.
 ``a_i`` is an exponentially weighted count of accepted / tried proposals (m accepted of k is m
 successes and, if m < k, one failure); a request not measured yet gets the same count pooled over
 every request's verify steps, and before any verify step at all only ``PROBE_REQUESTS`` requests try
-k = 1 (a prior is no reason to have a draft catch up with a whole batch's prompts). ``alpha``, ``beta`` come from :class:`StepCost`, a fit of the
-target's measured step times; ``draft`` is the draft's measured forward time (0 for n-gram lookup).
+k = 1 (a prior is no reason to have a draft catch up with a whole batch's prompts). ``alpha``,
+``beta`` come from :class:`StepCost`, a fit of the target's measured step times; ``draft`` is the
+draft's measured forward time (0 for n-gram lookup).
 """
 
 from __future__ import annotations
@@ -94,20 +95,20 @@ class AdaptiveK:
                 # nothing measured yet, only the prior says it pays: try a few requests before a whole
                 # batch (a draft would first have to catch up with every request's prompt), in turn, as
                 # a request may have nothing to propose (no n-gram match)
-                ranked = sorted(chosen)
-                first = self._probe_next % len(ranked)
-                chosen = {ranked[(first + j) % len(ranked)] for j in range(PROBE_REQUESTS)}
-                self._probe_next = first + PROBE_REQUESTS
-                best_k = 1
+                chosen, best_k = self._take_turns(sorted(chosen)), 1
             return [min(best_k, c) if i in chosen else 0 for i, c in enumerate(caps)]
         self._idle += 1
         if self._idle < self._probe_every:
             return [0] * len(caps)
         self._idle, self._probe_every = 0, min(2 * self._probe_every, MAX_PROBE_EVERY)
-        first = self._probe_next % len(caps)
-        probed = {(first + j) % len(caps) for j in range(min(PROBE_REQUESTS, len(caps)))}
-        self._probe_next = first + PROBE_REQUESTS
+        probed = self._take_turns(list(range(len(caps))))
         return [min(1, c) if i in probed else 0 for i, c in enumerate(caps)]
+
+    def _take_turns(self, candidates: list[int]) -> set[int]:
+        """The next ``PROBE_REQUESTS`` of ``candidates`` (batch indices), going round them step by step."""
+        first = self._probe_next % len(candidates)
+        self._probe_next = first + PROBE_REQUESTS
+        return {candidates[(first + j) % len(candidates)] for j in range(min(PROBE_REQUESTS, len(candidates)))}
 
     def _plan_throughput(self, rates: list[float], caps: Sequence[int], batch: int, token_cost: float,
                          draft_cost: float) -> tuple[int, int, list[int]]:

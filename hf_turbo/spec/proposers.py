@@ -181,8 +181,8 @@ class DraftModelProposer:
         bs = self.pool.block_size
         if seq is None:
             seq = self.seqs[req.request_id] = _DraftSeq(list(req.token_ids))
-            if self.prefix_caching:  # never the block of the last token: it is computed for its logits
-                seq.block_ids = self.pool.match_prefix(req.full_block_hashes(bs)[:(req.num_tokens - 1) // bs])
+            if self.prefix_caching:
+                seq.block_ids = self.pool.match_prefix(req.reusable_prefix_hashes(bs))
                 seq.published = len(seq.block_ids)
                 seq.num_computed = seq.published * bs
         else:
