@@ -9,6 +9,7 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
+from hf_turbo.cache import vmem
 from hf_turbo.cache.contiguous import ContiguousKV
 from hf_turbo.kernels.reference import _gather_keys, paged_attention_ref, sequence_attention_ref
 from hf_turbo.testing import tiny_model
@@ -166,3 +167,158 @@ def test_engine_frees_copies_and_matches_block_table_path(monkeypatch):
         assert cold == warm == paged
     finally:
         hf_turbo.restore(model)
+
+
+# -- page-mapped mode: one block of one head is a whole page (16 positions x 64 dims x fp32 = 4 KiB) ----------
+PBS, PD = 16, 64
+needs_pages = pytest.mark.skipif(not vmem.supported() or PBS * PD * 4 % vmem.PAGE_SIZE != 0,
+                                 reason="page-mapped windows need Linux memfd and 4 KiB pages")
+
+
+def _pool(num_blocks: int):
+    shape = (num_blocks, PBS, H_KV, PD)
+    return torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+
+
+def _write(pool: torch.Tensor, blocks: list[int], start: int, values: torch.Tensor) -> None:
+    """What store_kv does: positions [start, start + n) of a sequence into its blocks."""
+    for i in range(values.shape[0]):
+        p = start + i
+        pool[blocks[p // PBS], p % PBS] = values[i]
+
+
+def _forward(mirror, kp, vp, seqs, tables, starts, news, layers=(0,)):
+    """One packed forward: write the pool, plan, append in each layer; return the last layer's arenas and the plan."""
+    cu, lens = [0], []
+    for s, new in zip(starts, news, strict=True):
+        cu.append(cu[-1] + new[0].shape[0])
+        lens.append(s + new[0].shape[0])
+    for table, s, (k, v) in zip(tables, starts, news, strict=True):
+        _write(kp, table, s, k)
+        _write(vp, table, s, v)
+    plan = mirror.plan(seqs, lens, cu, tables)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    for layer in layers:
+        ka, va = mirror.append(layer, plan, torch.cat([n[0] for n in news]), torch.cat([n[1] for n in news]), kp, vp,
+                               bt)
+        if layer != layers[-1]:
+            _assert_mirrors_pool(ka, va, plan, lens, tables, kp, vp)
+    return ka, va, plan, lens
+
+
+def _assert_mirrors_pool(ka, va, plan, lens, tables, kp, vp):
+    for i, slot in enumerate(plan.slots):
+        table = torch.tensor(tables[i], dtype=torch.int32)
+        assert torch.equal(ka[slot, :, :lens[i]], _gather_keys(kp, table, 0, lens[i]).transpose(0, 1))
+        assert torch.equal(va[slot, :, :lens[i]], _gather_keys(vp, table, 0, lens[i]).transpose(0, 1))
+
+
+@needs_pages
+def test_requests_on_cached_blocks_share_the_store_pages():
+    g = torch.Generator().manual_seed(0)
+    kp, vp = _pool(12)
+    mirror = ContiguousKV(num_layers=1, block_size=PBS, num_blocks=12)
+    a, b, c = _Seq(), _Seq(), _Seq()
+    ka_new, va_new = torch.randn(40, H_KV, PD, generator=g), torch.randn(40, H_KV, PD, generator=g)
+    ka, va, plan, _ = _forward(mirror, kp, vp, [a], [[3, 4, 5]], [0], [(ka_new, va_new)])
+    slot_a = plan.slots[0]
+    # b is admitted on a's two full blocks (32 cached positions): it copies them into the store once
+    kb_new, vb_new = torch.randn(5, H_KV, PD, generator=g), torch.randn(5, H_KV, PD, generator=g)
+    ka, va, plan, _ = _forward(mirror, kp, vp, [b], [[3, 4, 8]], [32], [(kb_new, vb_new)])
+    slot_b = plan.slots[0]
+    assert mirror.shares_pages
+    assert torch.equal(ka[slot_b, :, :32], ka_new[:32].transpose(0, 1))
+    assert torch.equal(va[slot_b, :, :32], va_new[:32].transpose(0, 1))
+    assert torch.equal(ka[slot_b, :, 32:37], kb_new.transpose(0, 1))
+    # c too, with the pool's copies poisoned: only the store can give c its prefix
+    kp[3:5] = float("nan")
+    vp[3:5] = float("nan")
+    ka, va, plan, _ = _forward(mirror, kp, vp, [c], [[3, 4, 9]], [32], [(kb_new[:1], vb_new[:1])])
+    slot_c = plan.slots[0]
+    assert torch.equal(ka[slot_c, :, :32], ka_new[:32].transpose(0, 1))
+    assert torch.equal(va[slot_c, :, :32], va_new[:32].transpose(0, 1))
+    assert torch.equal(ka[slot_a, :, :40], ka_new.transpose(0, 1))  # a keeps its own copy
+    ka[slot_b, 0, 0, 0] = 123.0  # one memory for b and c: a write through b's row shows in c's, not in a's
+    assert ka[slot_c, 0, 0, 0].item() == 123.0 and ka[slot_a, 0, 0, 0].item() != 123.0
+
+
+@needs_pages
+def test_shared_pages_equal_copies_through_growth_reuse_rejections_and_new_owners():
+    g = torch.Generator().manual_seed(1)
+    nb = 80
+    kp, vp = _pool(nb)
+    shared = ContiguousKV(num_layers=2, block_size=PBS, num_blocks=nb)
+    copied = ContiguousKV(num_layers=2, block_size=PBS)
+    free = list(range(nb))
+    seqs: dict[int, _Seq] = {}
+    tables: dict[int, list[int]] = {}
+    lens: dict[int, int] = {}
+
+    def admit(i, cached_from=None, cached_blocks=0):
+        seqs[i], lens[i] = _Seq(), cached_blocks * PBS
+        tables[i] = list(tables[cached_from][:cached_blocks]) if cached_from is not None else []
+
+    def step(ids, news):
+        starts = [lens[i] for i in ids]
+        for i, n in zip(ids, news, strict=True):
+            while len(tables[i]) * PBS < lens[i] + n:
+                tables[i].append(free.pop(int(torch.randint(len(free), (1,), generator=g))))
+        kv = [(torch.randn(n, H_KV, PD, generator=g), torch.randn(n, H_KV, PD, generator=g)) for n in news]
+        for mirror in (shared, copied):
+            ka, va, plan, ends = _forward(mirror, kp, vp, [seqs[i] for i in ids], [tables[i] for i in ids],
+                                          starts, kv, layers=(0, 1))
+            _assert_mirrors_pool(ka, va, plan, ends, [tables[i] for i in ids], kp, vp)
+        for i, n in zip(ids, news, strict=True):
+            lens[i] += n
+
+    for i in range(4):
+        admit(i)
+    step([0, 1, 2, 3], [40, 33, 7, 16])  # prefill
+    for i in range(4, 10):  # > 8 slots (the arenas grow); 4-9 start on 1 or 2 of 0's and 1's full blocks
+        admit(i, cached_from=i % 2, cached_blocks=1 + i % 2)
+    step(list(range(4, 10)), [int(n) for n in torch.randint(1, 20, (6,), generator=g)])
+    for _ in range(45):  # decode past the first capacity (64 positions): rows move, shared pages are remapped
+        step(list(range(10)), [1] * 10)
+    assert shared.shares_pages and not copied.shares_pages
+    lens[5] -= 2  # speculative positions rejected: cut back and rewritten
+    step([5], [1])
+    # everyone on block tables[0][0] leaves; the block goes to a new owner (fresh content from its first
+    # position), and a request cached on the new owner's block must see the new content, not the store's old
+    old_block = tables[0][0]
+    for i in (0, 4, 6, 8):
+        for mirror in (shared, copied):
+            mirror.drop(seqs[i])
+        if i:
+            del seqs[i]
+    admit(0)
+    tables[0] = [old_block]
+    step([0, 1], [20, 1])
+    admit(11, cached_from=0, cached_blocks=1)
+    step([11, 2], [3, 1])
+    # a forward the mirror did not see (no seqs): nothing in the store is trusted afterwards
+    shared.invalidate()
+    copied.invalidate()
+    admit(12, cached_from=1, cached_blocks=2)
+    step([12, 3], [2, 1])
+    for seq in seqs.values():
+        shared.drop(seq)
+    assert len(shared) == 0 and shared.nbytes() == 0
+
+
+@needs_pages
+def test_shared_pages_fall_back_to_copies_past_the_mapping_budget():
+    g = torch.Generator().manual_seed(2)
+    kp, vp = _pool(16)
+    mirror = ContiguousKV(num_layers=1, block_size=PBS, num_blocks=16)
+    a, b = _Seq(), _Seq()
+    new = (torch.randn(64, H_KV, PD, generator=g), torch.randn(64, H_KV, PD, generator=g))
+    _forward(mirror, kp, vp, [a], [[9, 2, 7, 0]], [0], [new])
+    mirror._map_budget = 4  # far below what mapping four scattered blocks takes
+    more = (torch.randn(3, H_KV, PD, generator=g), torch.randn(3, H_KV, PD, generator=g))
+    ka, va, plan, lens = _forward(mirror, kp, vp, [b], [[9, 2, 7, 0, 11]], [64], [more])
+    assert not mirror.shares_pages
+    _assert_mirrors_pool(ka, va, plan, lens, [[9, 2, 7, 0, 11]], kp, vp)
+    ka, va, plan, lens = _forward(mirror, kp, vp, [a, b], [[9, 2, 7, 0, 5], [9, 2, 7, 0, 11]], [64, 67],
+                                  [more, more])
+    _assert_mirrors_pool(ka, va, plan, lens, [[9, 2, 7, 0, 5], [9, 2, 7, 0, 11]], kp, vp)

@@ -9,6 +9,7 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
+from hf_turbo.cache import vmem
 from hf_turbo.testing import tiny_model
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "phi3")
@@ -60,6 +61,9 @@ VARIATIONS = {
     "preemption": {"num_blocks": 32, "block_size": 4, "max_num_batched_tokens": 64},
     "no_prefix_cache": {"enable_prefix_caching": False},
     "small_batches": {"max_num_seqs": 3},
+    # 64 positions x head_dim 16 x fp32 = one 4 KiB page per block and head: the CPU path's page-mapped arenas
+    "page_mapped": {"block_size": 64, "max_num_batched_tokens": 256},
+    "page_mapped_preemption": {"num_blocks": 6, "block_size": 64, "max_num_batched_tokens": 64},
 }
 
 
@@ -70,10 +74,12 @@ def test_greedy_equals_stock(arch, variation):
         engine = _engine(arch, **VARIATIONS[variation])
         prompts = _prompts(_model(arch).config.vocab_size)
         got = _run(engine, prompts, GREEDY)
-        if variation == "preemption":
+        if variation.endswith("preemption"):
             assert engine.stats()["preemptions"] > 0
         if variation == "chunked_prefill":
             assert engine.stats()["steps"] > N_PROMPTS
+        if variation.startswith("page_mapped") and vmem.supported():
+            assert engine.cache.contiguous.shares_pages
         assert got == list(_stock(arch))
     finally:
         hf_turbo.restore(_model(arch))
@@ -104,8 +110,8 @@ def test_fixture_greedy_equals_stock_under_variations():
         hf_turbo.restore(model)
 
 
-@pytest.mark.parametrize("prefix_len", [1, 17, 70])
-def test_prefix_cache_cold_vs_warm(prefix_len):
+@pytest.mark.parametrize("prefix_len, block_size", [(1, 8), (17, 8), (70, 8), (70, 64)])
+def test_prefix_cache_cold_vs_warm(prefix_len, block_size):
     arch = "llama"
     model = _model(arch)
     g = torch.Generator().manual_seed(prefix_len)
@@ -114,11 +120,11 @@ def test_prefix_cache_cold_vs_warm(prefix_len):
                for n in torch.randint(1, 20, (12,), generator=g)]
     try:
         cold = _run(_engine(arch, enable_prefix_caching=False), prompts, GREEDY)
-        engine = _engine(arch, block_size=8)
+        engine = _engine(arch, block_size=block_size)  # 64: the page-mapped arenas share the prefix's pages
         first = _run(engine, prompts, GREEDY)  # fills the cache (requests also share within the run)
         warm = _run(engine, prompts, GREEDY)  # every full prefix block is now a hit
         stats = engine.stats()
-        if prefix_len >= 8:
+        if prefix_len >= block_size:
             assert stats["prefix_cache_hits"] > 0
         assert cold == first == warm
         seq = [tuple(model.generate(input_ids=torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,

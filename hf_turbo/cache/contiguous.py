@@ -16,6 +16,17 @@ preempted request recomputing) is cut back to where the forward starts writing. 
 weakly, so a slot is reclaimed once its sequence is gone; the engine also drops them when a request
 releases its blocks, and the arenas are freed when no sequence is left. The values are bitwise the
 pool's (same K/V, copied), so outputs do not change.
+
+**Shared prefix pages** (Linux, CPU, when one block of one head is a whole number of memory pages,
+e.g. 16 positions x 64 dims x fp32 = 4 KiB): a request admitted on cached prefix blocks does not copy
+them into its row. Each layer has a page store (``cache/vmem.py``) with a page run per (K or V, head,
+pool block); the first such request copies a cached block from the pool into the store once, and
+every request adopting it maps those store pages into its own row. Sequences sharing a prompt
+prefix then share its memory, and decode reads the prefix once from the CPU caches instead of once
+per sequence from DRAM. A sequence's own positions stay private (no mapping per decode block). A
+block written again from its first position (a new owner) is no longer trusted in the store.
+Without page-aligned blocks, or past half of the kernel's per-process mapping limit, the arenas stay
+plain copies.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hf_turbo.cache import vmem
 from hf_turbo.kernels.reference import _gather_keys as _gather
 
 __all__ = ["ContiguousKV", "MirrorPlan"]
@@ -36,11 +48,12 @@ _SMALL_PLAN = 256  # decode steps up to this many sequences build their arena in
 
 
 class _SeqState:
-    __slots__ = ("slot", "valid")
+    __slots__ = ("slot", "valid", "adopted")
 
     def __init__(self, slot: int, num_layers: int) -> None:
         self.slot = slot
         self.valid = [0] * num_layers  # per layer: positions [0, valid) hold the pool's values
+        self.adopted: list[list[int]] = [[] for _ in range(num_layers)]  # per layer: blocks mapped at indices 0..
 
 
 @dataclass
@@ -57,6 +70,7 @@ class MirrorPlan:
     capacity: int
     _pos_slot: Tensor | tuple[list[int], list[int]]  # each new token's position and slot ([2, T] or lists)
     _index: dict[int, Tensor] = field(default_factory=dict)
+    adopt: list[tuple[int, list[int]]] = field(default_factory=list)  # (sequence, cached blocks to map)
 
     def index(self, num_heads: int, device: torch.device) -> Tensor:
         """[T * H] flat row of each (token, head) in an arena viewed as ``[slots * H * capacity, D]``."""
@@ -77,11 +91,16 @@ class MirrorPlan:
 
 
 class ContiguousKV:
-    """Per-layer arenas holding a contiguous, head-major copy of each running sequence's K/V."""
+    """Per-layer arenas holding a contiguous, head-major copy of each running sequence's K/V.
 
-    def __init__(self, num_layers: int, block_size: int) -> None:
+    ``num_blocks`` (the pool's block count) enables shared prefix pages where the platform and the
+    layout allow it.
+    """
+
+    def __init__(self, num_layers: int, block_size: int, num_blocks: int | None = None) -> None:
         self.num_layers = num_layers
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self._seqs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # seq -> _SeqState
         self._free: list[int] = []
         self._next_slot = 0  # slot ids handed out so far (ids below it are live or in _free)
@@ -89,6 +108,13 @@ class ContiguousKV:
         self._capacity = 0
         self._k: list[Tensor | None] = [None] * num_layers
         self._v: list[Tensor | None] = [None] * num_layers
+        # shared prefix pages: on while None or True, decided by the first layer's layout
+        self._share: bool | None = None if num_blocks is not None and vmem.supported() else False
+        self._windows: list[tuple[vmem.Window, vmem.Window] | None] = [None] * num_layers
+        self._stores: list[tuple[vmem.PageStore, Tensor] | None] = [None] * num_layers  # store, [2, H, NB, bs, D]
+        self._stored: list[bytearray] = [bytearray(num_blocks or 0) for _ in range(num_layers)]
+        self._slot_maps: dict[int, int] = {}  # slot -> mmap calls its row holds
+        self._map_budget = vmem.map_count_budget() if self._share is None else 0
 
     def __len__(self) -> int:
         return len(self._seqs)
@@ -96,36 +122,75 @@ class ContiguousKV:
     def __contains__(self, seq: object) -> bool:
         return seq in self._seqs
 
+    @property
+    def shares_pages(self) -> bool:
+        """Whether requests admitted on cached blocks map shared store pages (decided by the first forward)."""
+        return bool(self._share)
+
     def drop(self, seq: object) -> None:
         """Forget a sequence's copy (it finished, was aborted or preempted); its slot is reused."""
         state = self._seqs.pop(seq, None)
         if state is not None:
             self._free.append(state.slot)
+            if self._slot_maps.get(state.slot):
+                self._unmap_slot(state.slot)
         if not self._seqs:
-            self.clear()
+            self._release_arenas()
 
     def clear(self) -> None:
-        """Forget every sequence and free the arenas."""
+        """Forget every sequence and free the arenas and the page stores."""
         self._seqs.clear()
-        self._free = []
-        self._next_slot = self._num_slots = self._capacity = 0
-        self._k = [None] * self.num_layers
-        self._v = [None] * self.num_layers
+        self._release_arenas()
+        self._stores = [None] * self.num_layers
+        self._stored = [bytearray(self.num_blocks or 0) for _ in range(self.num_layers)]
+
+    def invalidate(self) -> None:
+        """The pool was written without this mirror (a forward without ``seqs``): trust nothing it holds."""
+        for state in self._seqs.values():
+            state.valid = [0] * self.num_layers
+        if any(any(stored) for stored in self._stored):
+            self._stored = [bytearray(self.num_blocks or 0) for _ in range(self.num_layers)]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)
 
+    def _release_arenas(self) -> None:
+        self._free = []
+        self._next_slot = self._num_slots = self._capacity = 0
+        self._k = [None] * self.num_layers
+        self._v = [None] * self.num_layers
+        self._windows = [None] * self.num_layers
+        self._slot_maps = {}
+        for state in self._seqs.values():
+            state.adopted = [[] for _ in range(self.num_layers)]
+
     # -- per forward ---------------------------------------------------------------------------
-    def plan(self, seqs: list, context_lens: list[int], cu: list[int]) -> MirrorPlan:
-        """Give every sequence a slot, grow the arenas to fit, and index the forward's new tokens."""
+    def plan(self, seqs: list, context_lens: list[int], cu: list[int],
+             block_ids: list[list[int]] | None = None) -> MirrorPlan:
+        """Give every sequence a slot, grow the arenas to fit, and index the forward's new tokens.
+
+        ``block_ids[i]``: sequence i's pool blocks; with them, a new sequence maps the shared store
+        pages of the full blocks before its first new position instead of copying them.
+        """
         states, slots, starts = [], [], []
+        adopt: list[tuple[int, list[int]]] = []
+        bs = self.block_size
         for i, seq in enumerate(seqs):
             state = self._seqs.get(seq)
+            start = context_lens[i] - (cu[i + 1] - cu[i])
             if state is None:
                 state = self._seqs[seq] = _SeqState(self._take_slot(), self.num_layers)
+                if self._share is not False and block_ids is not None and start >= bs:
+                    adopt.append((i, list(block_ids[i][: start // bs])))
             states.append(state)
             slots.append(state.slot)
-            starts.append(context_lens[i] - (cu[i + 1] - cu[i]))
+            starts.append(start)
+            if self._share is not False and block_ids is not None:
+                # blocks this forward writes from their first position hold a new owner's content
+                for j in range(-(-start // bs), -(-context_lens[i] // bs)):
+                    b = block_ids[i][j]
+                    for stored in self._stored:
+                        stored[b] = 0
         need = max(context_lens, default=0)
         if need > self._capacity or self._next_slot > self._num_slots:
             self._grow(need)
@@ -139,14 +204,15 @@ class ContiguousKV:
             pos = torch.repeat_interleave(offsets, counts, output_size=total) + torch.arange(total, dtype=torch.int64)
             slot_t = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), counts, output_size=total)
             pos_slot = torch.stack([pos, slot_t])
-        return MirrorPlan(states, slots, starts, list(context_lens), self._capacity, pos_slot)
+        return MirrorPlan(states, slots, starts, list(context_lens), self._capacity, pos_slot, adopt=adopt)
 
     def append(self, layer: int, plan: MirrorPlan, new_k: Tensor, new_v: Tensor, k_pool: Tensor,
                v_pool: Tensor, block_tables: Tensor) -> tuple[Tensor, Tensor]:
         """Write this forward's new K/V ([T, H_kv, D]) for every planned sequence; return the arenas.
 
-        A sequence whose copy is behind its first new position is first filled from its blocks
-        (``block_tables`` row i) in the pool.
+        A sequence whose copy is behind its first new position first maps the shared pages of its
+        cached blocks (where pages are shared) and copies the rest from its blocks (``block_tables``
+        row i) in the pool.
         """
         h, d = new_k.shape[1], new_k.shape[2]
         ka, va = self._k[layer], self._v[layer]
@@ -154,6 +220,9 @@ class ContiguousKV:
             ka, va = self._allocate(layer, h, d, new_k)
         if plan.capacity != self._capacity:
             raise RuntimeError("ContiguousKV grew after this forward was planned")
+        if plan.adopt and self._share:
+            self._adopt(layer, plan, k_pool, v_pool)
+            ka, va = self._k[layer], self._v[layer]  # past the mapping budget they became private copies
         for i, state in enumerate(plan.states):
             start, valid = plan.starts[i], state.valid[layer]
             if valid < start:  # behind the pool: copy the missing positions from their blocks once
@@ -173,20 +242,104 @@ class ContiguousKV:
         new_k/new_v: [n, H_kv, D], the K/V of positions ``[start, start + n)`` (already in the pool).
         """
         n = new_k.shape[0]
-        plan = self.plan([seq], [start + n], [0, n])
+        plan = self.plan([seq], [start + n], [0, n], [block_row.tolist()])
         ka, va = self.append(layer, plan, new_k, new_v, k_pool, v_pool, block_row[None])
         slot, end = plan.slots[0], start + n
         return ka[slot, :, :end].transpose(0, 1), va[slot, :, :end].transpose(0, 1)
+
+    # -- shared prefix pages -------------------------------------------------------------------
+    def _adopt(self, layer: int, plan: MirrorPlan, k_pool: Tensor, v_pool: Tensor) -> None:
+        """Map the store pages of new sequences' cached blocks into their rows (filling the store once)."""
+        store, pages = self._store(layer, k_pool)
+        stored = self._stored[layer]
+        missing = sorted({b for _, blocks in plan.adopt for b in blocks if not stored[b]})
+        if missing:  # pool [n, bs, H, D] -> store [H, n, bs, D]
+            idx = torch.tensor(missing, dtype=torch.int64, device=k_pool.device)
+            pages[0][:, idx] = k_pool.index_select(0, idx).permute(2, 0, 1, 3)
+            pages[1][:, idx] = v_pool.index_select(0, idx).permute(2, 0, 1, 3)
+            for b in missing:
+                stored[b] = 1
+        for i, blocks in plan.adopt:
+            state = plan.states[i]
+            state.adopted[layer] = blocks
+            self._map_row(layer, state.slot, blocks)
+            state.valid[layer] = max(state.valid[layer], len(blocks) * self.block_size)
+        if sum(self._slot_maps.values()) > self._map_budget:
+            self._stop_sharing()
+
+    def _store(self, layer: int, like: Tensor) -> tuple[vmem.PageStore, Tensor]:
+        entry = self._stores[layer]
+        h, d = self._k[layer].shape[1], self._k[layer].shape[3]
+        if entry is None or entry[1].shape[1] != h or entry[1].shape[4] != d:
+            nbytes = 2 * h * self.num_blocks * self.block_size * d * like.element_size()
+            store = vmem.PageStore(nbytes)
+            view = vmem.Window(nbytes, like.dtype)
+            view.map(0, store, 0, nbytes)
+            pages = view.tensor[: nbytes // like.element_size()].view(2, h, self.num_blocks, self.block_size, d)
+            entry = self._stores[layer] = (store, pages)
+            self._stored[layer] = bytearray(self.num_blocks)
+        return entry
+
+    def _map_row(self, layer: int, slot: int, blocks: list[int]) -> None:
+        """Point block indices 0.. of ``slot``'s row (K and V, every head) at these blocks' store pages."""
+        store, _ = self._stores[layer]
+        win = self._windows[layer]
+        heads, cap = self._k[layer].shape[1], self._capacity // self.block_size
+        page = self.block_size * self._k[layer].shape[3] * self._k[layer].element_size()
+        j = 0
+        while j < len(blocks):
+            n = 1
+            while j + n < len(blocks) and blocks[j + n] == blocks[j] + n:
+                n += 1  # consecutive pool blocks are one mapping
+            for kv, window in enumerate(win):
+                for h in range(heads):
+                    window.map(((slot * heads + h) * cap + j) * page, store,
+                               ((kv * heads + h) * self.num_blocks + blocks[j]) * page, n * page)
+            self._slot_maps[slot] = self._slot_maps.get(slot, 0) + 2 * heads
+            j += n
+
+    def _unmap_slot(self, slot: int) -> None:
+        """Give a slot's row back its private pages (a new sequence must not write into shared ones)."""
+        for layer, win in enumerate(self._windows):
+            if win is not None and slot < self._num_slots:
+                row = self._k[layer][0].numel() * self._k[layer].element_size()
+                for window in win:
+                    window.unmap(slot * row, row)
+        self._slot_maps.pop(slot, None)
+
+    def _stop_sharing(self) -> None:
+        """Past the mapping budget: every row becomes a private copy of what it shows, for good."""
+        for arenas in (self._k, self._v):
+            for layer, arena in enumerate(arenas):
+                if arena is not None:
+                    arenas[layer] = arena.clone()
+        self._windows = [None] * self.num_layers
+        self._stores = [None] * self.num_layers
+        self._slot_maps = {}
+        for state in self._seqs.values():
+            state.adopted = [[] for _ in range(self.num_layers)]
+        self._share = False
 
     # -- storage -------------------------------------------------------------------------------
     def _take_slot(self) -> int:
         if not self._free and self._next_slot > len(self._seqs):  # slots of collected sequences come back
             live = {state.slot for state in self._seqs.values()}
             self._free = [s for s in range(self._next_slot - 1, -1, -1) if s not in live]
-        if self._free:
-            return self._free.pop()
-        self._next_slot += 1
-        return self._next_slot - 1
+        slot = self._free.pop() if self._free else self._next_slot
+        if slot == self._next_slot:
+            self._next_slot += 1
+        if self._slot_maps.get(slot):  # a collected sequence left shared pages mapped in this row
+            self._unmap_slot(slot)
+        return slot
+
+    def _new_arena(self, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+        if not self._share:
+            return (torch.empty(shape, dtype=like.dtype, device=like.device),
+                    torch.empty(shape, dtype=like.dtype, device=like.device))
+        numel = shape[0] * shape[1] * shape[2] * shape[3]
+        nbytes = numel * like.element_size()
+        win = (vmem.Window(nbytes, like.dtype), vmem.Window(nbytes, like.dtype))
+        return win, (win[0].tensor[:numel].view(shape), win[1].tensor[:numel].view(shape))
 
     def _grow(self, length_needed: int) -> None:
         """Reallocate every arena with room for all handed-out slots and ``length_needed`` positions."""
@@ -198,17 +351,35 @@ class ContiguousKV:
             cap = -(-cap // self.block_size) * self.block_size
         old_slots, old_cap = self._num_slots, self._capacity
         self._num_slots, self._capacity = slots, cap
-        for arenas in (self._k, self._v):
-            for layer, old in enumerate(arenas):
-                if old is not None:
-                    new = torch.empty((slots, old.shape[1], cap, old.shape[3]), dtype=old.dtype, device=old.device)
-                    new[:old_slots, :, :old_cap] = old
-                    arenas[layer] = new
+        self._slot_maps = {}
+        for layer in range(self.num_layers):
+            old_k, old_v = self._k[layer], self._v[layer]
+            if old_k is None:
+                continue
+            made = self._new_arena((slots, old_k.shape[1], cap, old_k.shape[3]), old_k)
+            new_k, new_v = made[1] if self._share else made
+            new_k[:old_slots, :, :old_cap] = old_k
+            new_v[:old_slots, :, :old_cap] = old_v
+            self._k[layer], self._v[layer] = new_k, new_v
+            if self._share:
+                self._windows[layer] = made[0]
+                for state in self._seqs.values():
+                    if state.adopted[layer]:
+                        self._map_row(layer, state.slot, state.adopted[layer])
 
     def _allocate(self, layer: int, h: int, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        if self._share is None:  # the first layer decides: blocks of whole pages, on the CPU
+            page = self.block_size * d * like.element_size()
+            self._share = like.device.type == "cpu" and page % vmem.PAGE_SIZE == 0
+        elif self._share and (self._k[layer] is not None
+                              or (self.block_size * d * like.element_size()) % vmem.PAGE_SIZE):
+            self._stop_sharing()  # a layer of another layout (or one changing shape): keep it simple
         shape = (self._num_slots, h, self._capacity, d)
-        self._k[layer] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        self._v[layer] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        made = self._new_arena(shape, like)
+        if self._share:
+            self._windows[layer] = made[0]
+            made = made[1]
+        self._k[layer], self._v[layer] = made
         for state in self._seqs.values():  # a fresh arena holds nothing yet
             state.valid[layer] = 0
         return self._k[layer], self._v[layer]

@@ -75,7 +75,7 @@ class PagedKVCache(Cache):
         self.key_pools: list[torch.Tensor | None] = [None] * num_layers
         self.value_pools: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
-        self.contiguous = ContiguousKV(num_layers, block_size)  # used by the CPU attention path only
+        self.contiguous = ContiguousKV(num_layers, block_size, num_blocks)  # used by the CPU attention path only
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
             for i in range(num_layers):
                 self._allocate_layer(i, kv_shape)
@@ -115,6 +115,8 @@ class PagedKVCache(Cache):
         v = value_states[0].transpose(0, 1)
         store_kv(k, v, self.key_pools[layer_idx], self.value_pools[layer_idx], self.ctx.slot_mapping,
                  validate=False)  # the runner's slots: int64, all valid
+        if self.ctx.seqs is None:  # the CPU mirror does not see this write
+            self.contiguous.invalidate()
         return key_states, value_states
 
     # -- what transformers' model and mask code asks of a cache --------------------------------

@@ -66,7 +66,7 @@ def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scalin
     mirror = ctx.cache.contiguous
     cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
     if ctx.mirror_plan is None:  # once per forward: slots, arena growth, where the new tokens go
-        ctx.mirror_plan = mirror.plan(ctx.seqs, lens, cu)
+        ctx.mirror_plan = mirror.plan(ctx.seqs, lens, cu, [seq.block_ids for seq in ctx.seqs])
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
     k_arena, v_arena = mirror.append(layer, ctx.mirror_plan, new_k, new_v, k_pool, v_pool, ctx.block_tables)
     out = sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=ctx.mirror_plan.slots, scale=scaling,
