@@ -239,8 +239,21 @@ def test_requests_on_cached_blocks_share_the_store_pages():
     assert torch.equal(ka[slot_c, :, :32], ka_new[:32].transpose(0, 1))
     assert torch.equal(va[slot_c, :, :32], va_new[:32].transpose(0, 1))
     assert torch.equal(ka[slot_a, :, :40], ka_new.transpose(0, 1))  # a keeps its own copy
-    ka[slot_b, 0, 0, 0] = 123.0  # one memory for b and c: a write through b's row shows in c's, not in a's
-    assert ka[slot_c, 0, 0, 0].item() == 123.0 and ka[slot_a, 0, 0, 0].item() != 123.0
+    # b goes back inside its shared blocks (onto private copies 10, 11): its row becomes private, c's is untouched
+    _write(kp, [10, 11], 0, ka_new[:32])
+    _write(vp, [10, 11], 0, va_new[:32])
+    redo = (torch.randn(3, H_KV, PD, generator=g), torch.randn(3, H_KV, PD, generator=g))
+    ka, va, plan, lens = _forward(mirror, kp, vp, [b], [[10, 11, 8]], [20], [redo])
+    _assert_mirrors_pool(ka, va, plan, lens, [[10, 11, 8]], kp, vp)
+    assert torch.equal(ka[slot_c, :, :32], ka_new[:32].transpose(0, 1))
+    ka, va, plan, lens = _forward(mirror, kp, vp, [b], [[10, 11, 8]], [23], [(kb_new, vb_new)])  # back to 28
+    _assert_mirrors_pool(ka, va, plan, lens, [[10, 11, 8]], kp, vp)
+    assert torch.equal(ka[slot_c, :, :32], ka_new[:32].transpose(0, 1))
+    ka[slot_c, 0, 0, 0] = 123.0  # one memory for c and any later adopter; a's and b's rows are their own
+    d = _Seq()
+    ka, va, plan, _ = _forward(mirror, kp, vp, [d], [[3, 4, 7]], [32], [(kb_new[:1], vb_new[:1])])
+    assert ka[plan.slots[0], 0, 0, 0].item() == 123.0
+    assert ka[slot_a, 0, 0, 0].item() != 123.0 and ka[slot_b, 0, 0, 0].item() != 123.0
 
 
 @needs_pages

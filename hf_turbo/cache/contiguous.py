@@ -182,6 +182,11 @@ class ContiguousKV:
                 state = self._seqs[seq] = _SeqState(self._take_slot(), self.num_layers)
                 if self._share is not False and block_ids is not None and start >= bs:
                     adopt.append((i, list(block_ids[i][: start // bs])))
+            elif state.adopted[0] and start < len(state.adopted[0]) * bs:
+                # about to write inside its shared pages (never done by the engine): make the row private again
+                self._unmap_slot(state.slot)
+                state.adopted = [[] for _ in range(self.num_layers)]
+                state.valid = [0] * self.num_layers
             states.append(state)
             slots.append(state.slot)
             starts.append(start)
