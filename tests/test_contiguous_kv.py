@@ -335,3 +335,25 @@ def test_shared_pages_fall_back_to_copies_past_the_mapping_budget():
     ka, va, plan, lens = _forward(mirror, kp, vp, [a, b], [[9, 2, 7, 0, 5], [9, 2, 7, 0, 11]], [64, 67],
                                   [more, more])
     _assert_mirrors_pool(ka, va, plan, lens, [[9, 2, 7, 0, 5], [9, 2, 7, 0, 11]], kp, vp)
+
+
+@needs_pages
+def test_vmem_windows_share_store_pages_and_unmap_to_zeros():
+    page = vmem.PAGE_SIZE
+    store = vmem.PageStore(4 * page)
+    a, b = vmem.Window(3 * page, torch.float32), vmem.Window(2 * page, torch.float32)
+    a.map(page, store, 2 * page, page)  # a's second page and b's first show the store's third
+    b.map(0, store, 2 * page, page)
+    per_page = page // 4
+    a.tensor[per_page:2 * per_page] = torch.arange(per_page, dtype=torch.float32)
+    assert torch.equal(b.tensor[:per_page], torch.arange(per_page, dtype=torch.float32))
+    assert not a.tensor[:per_page].any() and not b.tensor[per_page:].any()  # unmapped parts are private zeros
+    b.unmap(0, page)
+    assert not b.tensor[:per_page].any()
+    assert torch.equal(a.tensor[per_page:2 * per_page], torch.arange(per_page, dtype=torch.float32))
+    with pytest.raises(ValueError, match="page-aligned"):
+        a.map(1, store, 0, page)
+    with pytest.raises(ValueError, match="outside"):
+        a.map(2 * page, store, 3 * page, 2 * page)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        vmem.PageStore(page + 1)

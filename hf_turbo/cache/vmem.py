@@ -80,11 +80,12 @@ class PageStore:
     """``size`` bytes of anonymous shared memory (a memfd); pages cost memory once written."""
 
     def __init__(self, size: int, name: str = "hf_turbo_kv") -> None:
+        self.fd = -1
+        self._close = os.close  # kept: module globals may be gone when __del__ runs at exit
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size must be a positive multiple of the page size {PAGE_SIZE}, got {size}")
         self.size = size
         self.fd = os.memfd_create(name)
-        self._close = os.close  # kept: module globals may be gone when __del__ runs at exit
         try:
             os.ftruncate(self.fd, size)
         except OSError:
@@ -104,12 +105,13 @@ class _Reservation:
     """Owns an address range; unmapped when the last tensor over it is gone."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
+        self.size, self.addr = size, None
+        self._munmap = _load_libc().munmap  # kept: module globals may be gone when __del__ runs at exit
         self.addr = _mmap(None, size, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE)
-        self._munmap = _load_libc().munmap
 
     def __del__(self) -> None:
-        self._munmap(self.addr, self.size)
+        if self.addr is not None:
+            self._munmap(self.addr, self.size)
 
 
 class Window:
@@ -121,7 +123,7 @@ class Window:
     """
 
     def __init__(self, size: int, dtype: torch.dtype) -> None:
-        size = -(-size // PAGE_SIZE) * PAGE_SIZE
+        size = max(-(-size // PAGE_SIZE), 1) * PAGE_SIZE
         self._res = _Reservation(size)
         self.size = size
         buf = (ctypes.c_byte * size).from_address(self._res.addr)
