@@ -14,6 +14,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_turbo.cache import vmem
 from hf_turbo.engine import AsyncEngine, EngineOverloaded, StreamOutput
 from hf_turbo.engine.detokenizer import IncrementalDetokenizer
 from hf_turbo.engine.engine import Engine
@@ -188,10 +189,16 @@ def test_stream_text_stop_string(fixture_pair):
 
 
 # -- 3. aborts under load ------------------------------------------------------------------------
-def test_abort_cancel_close_under_load(tiny):
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_abort_cancel_close_under_load(tiny, shared_prefix):
     n = 100
     prompts, params = random_prompts(n, seed=1)
-    ref = reference(tiny, prompts, params)
+    overrides = {}
+    if shared_prefix:  # a 64-token common prefix in blocks of one 4 KiB page per head: rows share its pages
+        prefix = (random_prompts(1, seed=9)[0][0] * 64)[:64]
+        prompts = [prefix + p for p in prompts]
+        overrides = {"block_size": 64}
+    ref = reference(tiny, prompts, params, **overrides)
     rng = random.Random(2)
     plan = []  # (action, tokens to see first): the action always comes before the request ends
     for r in ref:
@@ -219,7 +226,7 @@ def test_abort_cancel_close_under_load(tiny):
         return tokens, last
 
     async def main():
-        async with AsyncEngine(tiny, num_blocks=512) as eng:
+        async with AsyncEngine(tiny, num_blocks=512, **overrides) as eng:
             tasks = [asyncio.create_task(consumer(eng, i)) for i in range(n)]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             await barrier(eng)
@@ -227,6 +234,9 @@ def test_abort_cancel_close_under_load(tiny):
             s = eng.stats()
             assert s["requests_submitted"] == n == s["requests_finished"] + s["requests_aborted"]
             assert s["requests_aborted"] >= 10
+            if shared_prefix:
+                assert s["prefix_cache_hit_rate"] > 0
+                assert eng.engine.cache.contiguous.shares_pages or not vmem.supported()
             # finished ids are free again
             again = await asyncio.gather(*(collect(eng, prompts[i], params[i], f"r{i}") for i in range(4)))
             await barrier(eng)
