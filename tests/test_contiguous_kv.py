@@ -357,3 +357,26 @@ def test_vmem_windows_share_store_pages_and_unmap_to_zeros():
         a.map(2 * page, store, 3 * page, 2 * page)
     with pytest.raises(ValueError, match="multiple of the page size"):
         vmem.PageStore(page + 1)
+
+
+@needs_pages
+@pytest.mark.parametrize("fail_at", ["map", "window"])
+def test_shared_pages_fall_back_to_copies_when_the_os_refuses(monkeypatch, fail_at):
+    g = torch.Generator().manual_seed(3)
+    kp, vp = _pool(16)
+    mirror = ContiguousKV(num_layers=2, block_size=PBS, num_blocks=16)
+    a, b = _Seq(), _Seq()
+    new = (torch.randn(40, H_KV, PD, generator=g), torch.randn(40, H_KV, PD, generator=g))
+    _forward(mirror, kp, vp, [a], [[4, 5, 6]], [0], [new], layers=(0, 1))
+
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(vmem.Window, "map" if fail_at == "map" else "__init__", refuse)
+    seqs = [a, b] + [_Seq() for _ in range(8)]  # b adopts a's two full blocks; 10 sequences make the arenas grow
+    tables = [[4, 5, 6]] + [[4, 5, 7 + i] for i in range(9)]
+    starts = [40] + [32] * 9
+    more = [(torch.randn(1, H_KV, PD, generator=g), torch.randn(1, H_KV, PD, generator=g)) for _ in seqs]
+    ka, va, plan, lens = _forward(mirror, kp, vp, seqs, tables, starts, more, layers=(0, 1))
+    assert not mirror.shares_pages
+    _assert_mirrors_pool(ka, va, plan, lens, tables, kp, vp)

@@ -31,6 +31,7 @@ plain copies.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ from hf_turbo.cache import vmem
 from hf_turbo.kernels.reference import _gather_keys as _gather
 
 __all__ = ["ContiguousKV", "MirrorPlan"]
+
+logger = logging.getLogger(__name__)
 
 _MIN_CAPACITY = 64
 _MIN_SLOTS = 8
@@ -255,20 +258,25 @@ class ContiguousKV:
     # -- shared prefix pages -------------------------------------------------------------------
     def _adopt(self, layer: int, plan: MirrorPlan, k_pool: Tensor, v_pool: Tensor) -> None:
         """Map the store pages of new sequences' cached blocks into their rows (filling the store once)."""
-        store, pages = self._store(layer, k_pool)
-        stored = self._stored[layer]
-        missing = sorted({b for _, blocks in plan.adopt for b in blocks if not stored[b]})
-        if missing:  # pool [n, bs, H, D] -> store [H, n, bs, D]
-            idx = torch.tensor(missing, dtype=torch.int64, device=k_pool.device)
-            pages[0][:, idx] = k_pool.index_select(0, idx).permute(2, 0, 1, 3)
-            pages[1][:, idx] = v_pool.index_select(0, idx).permute(2, 0, 1, 3)
-            for b in missing:
-                stored[b] = 1
-        for i, blocks in plan.adopt:
-            state = plan.states[i]
-            state.adopted[layer] = blocks
-            self._map_row(layer, state.slot, blocks)
-            state.valid[layer] = max(state.valid[layer], len(blocks) * self.block_size)
+        try:
+            store, pages = self._store(layer, k_pool)
+            stored = self._stored[layer]
+            missing = sorted({b for _, blocks in plan.adopt for b in blocks if not stored[b]})
+            if missing:  # pool [n, bs, H, D] -> store [H, n, bs, D]
+                idx = torch.tensor(missing, dtype=torch.int64, device=k_pool.device)
+                pages[0][:, idx] = k_pool.index_select(0, idx).permute(2, 0, 1, 3)
+                pages[1][:, idx] = v_pool.index_select(0, idx).permute(2, 0, 1, 3)
+                for b in missing:
+                    stored[b] = 1
+            for i, blocks in plan.adopt:
+                state = plan.states[i]
+                state.adopted[layer] = blocks
+                self._map_row(layer, state.slot, blocks)
+                state.valid[layer] = max(state.valid[layer], len(blocks) * self.block_size)
+        except OSError as err:  # no memfd, no address space, too many mappings: copies from here on
+            logger.warning("CPU K/V rows: sharing prefix pages failed (%s); using private copies", err)
+            self._stop_sharing()
+            return
         if sum(self._slot_maps.values()) > self._map_budget:
             self._stop_sharing()
 
@@ -337,14 +345,19 @@ class ContiguousKV:
             self._unmap_slot(slot)
         return slot
 
-    def _new_arena(self, shape: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
-        if not self._share:
-            return (torch.empty(shape, dtype=like.dtype, device=like.device),
-                    torch.empty(shape, dtype=like.dtype, device=like.device))
-        numel = shape[0] * shape[1] * shape[2] * shape[3]
-        nbytes = numel * like.element_size()
-        win = (vmem.Window(nbytes, like.dtype), vmem.Window(nbytes, like.dtype))
-        return win, (win[0].tensor[:numel].view(shape), win[1].tensor[:numel].view(shape))
+    def _new_arena(self, shape: tuple[int, ...], like: Tensor) -> tuple[tuple | None, tuple[Tensor, Tensor]]:
+        """(windows or None, (K arena, V arena)): windows while prefix pages are shared, else plain tensors."""
+        if self._share:
+            numel = shape[0] * shape[1] * shape[2] * shape[3]
+            try:
+                nbytes = numel * like.element_size()
+                win = (vmem.Window(nbytes, like.dtype), vmem.Window(nbytes, like.dtype))
+                return win, (win[0].tensor[:numel].view(shape), win[1].tensor[:numel].view(shape))
+            except OSError as err:
+                logger.warning("CPU K/V rows: reserving address space failed (%s); using private copies", err)
+                self._stop_sharing()
+        return None, (torch.empty(shape, dtype=like.dtype, device=like.device),
+                      torch.empty(shape, dtype=like.dtype, device=like.device))
 
     def _grow(self, length_needed: int) -> None:
         """Reallocate every arena with room for all handed-out slots and ``length_needed`` positions."""
@@ -361,16 +374,20 @@ class ContiguousKV:
             old_k, old_v = self._k[layer], self._v[layer]
             if old_k is None:
                 continue
-            made = self._new_arena((slots, old_k.shape[1], cap, old_k.shape[3]), old_k)
-            new_k, new_v = made[1] if self._share else made
+            win, (new_k, new_v) = self._new_arena((slots, old_k.shape[1], cap, old_k.shape[3]), old_k)
+            old_k, old_v = self._k[layer], self._v[layer]  # (private copies if sharing just stopped)
             new_k[:old_slots, :, :old_cap] = old_k
             new_v[:old_slots, :, :old_cap] = old_v
             self._k[layer], self._v[layer] = new_k, new_v
-            if self._share:
-                self._windows[layer] = made[0]
-                for state in self._seqs.values():
-                    if state.adopted[layer]:
-                        self._map_row(layer, state.slot, state.adopted[layer])
+            if win is not None:
+                self._windows[layer] = win
+                try:
+                    for state in self._seqs.values():
+                        if state.adopted[layer]:
+                            self._map_row(layer, state.slot, state.adopted[layer])
+                except OSError as err:
+                    logger.warning("CPU K/V rows: remapping prefix pages failed (%s); using private copies", err)
+                    self._stop_sharing()
 
     def _allocate(self, layer: int, h: int, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
         if self._share is None:  # the first layer decides: blocks of whole pages, on the CPU
@@ -380,11 +397,8 @@ class ContiguousKV:
                               or (self.block_size * d * like.element_size()) % vmem.PAGE_SIZE):
             self._stop_sharing()  # a layer of another layout (or one changing shape): keep it simple
         shape = (self._num_slots, h, self._capacity, d)
-        made = self._new_arena(shape, like)
-        if self._share:
-            self._windows[layer] = made[0]
-            made = made[1]
-        self._k[layer], self._v[layer] = made
+        win, (self._k[layer], self._v[layer]) = self._new_arena(shape, like)
+        self._windows[layer] = win
         for state in self._seqs.values():  # a fresh arena holds nothing yet
             state.valid[layer] = 0
         return self._k[layer], self._v[layer]
