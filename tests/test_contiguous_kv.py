@@ -79,10 +79,13 @@ def test_mirror_is_weak_and_droppable():
     assert len(mirror) == 0
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (None, 20.0), (6, 30.0)])
-def test_sequence_attention_equals_paged_reference_bitwise(window, softcap):
+@pytest.mark.parametrize("window,softcap,decode_only", [(None, None, False), (5, None, False), (None, 20.0, False),
+                                                        (6, 30.0, False), (None, None, True)])
+def test_sequence_attention_equals_paged_reference_bitwise(window, softcap, decode_only):
     g = torch.Generator().manual_seed(3)
     q_lens, ctx_lens = [1, 7, 1, 1, 12, 1], [9, 30, 1, 40, 12, 17]
+    if decode_only:  # a pure decode step (its own fast path over arena rows)
+        q_lens = [1] * len(ctx_lens)
     h_q, bs = 4, 4
     nblk = [-(-n // bs) for n in ctx_lens]
     perm = torch.randperm(sum(nblk), generator=g).to(torch.int32)

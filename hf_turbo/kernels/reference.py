@@ -285,6 +285,13 @@ def sequence_attention_ref(
     if slots is not None:
         k_strides, v_strides = keys.stride(), values.stride()
         k_base, v_base = keys.storage_offset(), values.storage_offset()
+        if out is None and softcap is None and sliding_window is None and q_starts == list(range(t + 1)):
+            # a pure decode step over arena rows: the same calls as the loop below, with less Python per call
+            sdpa, qs = F.scaled_dot_product_attention, q_groups.unsqueeze(1).unbind(0)  # t x [1, H_kv, g, D]
+            outs = [sdpa(qs[s], keys.as_strided((1, h_kv, n, d), k_strides, k_base + r * k_strides[0]),
+                         values.as_strided((1, h_kv, n, d), v_strides, v_base + r * v_strides[0]), scale=scale)
+                    for s, (n, r) in enumerate(zip(context_lens, slots, strict=True))]
+            return (outs[0] if t == 1 else torch.cat(outs)).view(t, h_q, d)
     rows: list[int] = []  # decode rows: outputs written by one index_copy_ at the end
     outs: list[Tensor] = []
     for s, length in enumerate(context_lens):
