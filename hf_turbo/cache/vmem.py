@@ -16,6 +16,7 @@ callers fall back to private copies elsewhere.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -46,16 +47,31 @@ def _load_libc():
 
 
 def supported() -> bool:
-    """Whether page-mapped windows work here (Linux, memfd, libc mmap); False disables them."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "memfd_create"):
-        return False
+    """Whether page-mapped windows work here (Linux, memfd, libc mmap); False disables them.
+
+    ``HF_TURBO_NO_PAGE_MAPPING=1`` turns them off. The first call also tries one store and one window
+    (a sandbox may forbid memfd or shared mappings).
+    """
     if os.environ.get("HF_TURBO_NO_PAGE_MAPPING"):
+        return False
+    return _probe()
+
+
+@functools.cache
+def _probe() -> bool:
+    if not sys.platform.startswith("linux") or not hasattr(os, "memfd_create"):
         return False
     try:
         _load_libc()
-    except (OSError, AttributeError):
+        store = PageStore(PAGE_SIZE, "hf_turbo_probe")
+        window = Window(2 * PAGE_SIZE, torch.uint8)
+        window.map(PAGE_SIZE, store, 0, PAGE_SIZE)
+        window.tensor[PAGE_SIZE] = 7
+        window.unmap(PAGE_SIZE, PAGE_SIZE)
+        store.close()
+        return True
+    except (OSError, AttributeError, ValueError):
         return False
-    return True
 
 
 def map_count_budget() -> int:
