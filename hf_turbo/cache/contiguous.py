@@ -178,6 +178,8 @@ class ContiguousKV:
         states, slots, starts = [], [], []
         adopt: list[tuple[int, list[int]]] = []
         bs = self.block_size
+        # only blocks some store holds can go stale (a store starts with nothing trusted)
+        track_fresh = block_ids is not None and any(self._stores)
         for i, seq in enumerate(seqs):
             state = self._seqs.get(seq)
             start = context_lens[i] - (cu[i + 1] - cu[i])
@@ -193,7 +195,7 @@ class ContiguousKV:
             states.append(state)
             slots.append(state.slot)
             starts.append(start)
-            if self._share is not False and block_ids is not None:
+            if track_fresh:
                 # blocks this forward writes from their first position hold a new owner's content
                 for j in range(-(-start // bs), -(-context_lens[i] // bs)):
                     b = block_ids[i][j]
@@ -282,8 +284,8 @@ class ContiguousKV:
 
     def _store(self, layer: int, like: Tensor) -> tuple[vmem.PageStore, Tensor]:
         entry = self._stores[layer]
-        h, d = self._k[layer].shape[1], self._k[layer].shape[3]
-        if entry is None or entry[1].shape[1] != h or entry[1].shape[4] != d:
+        if entry is None:  # (a layer changing shape stops sharing, so a store keeps its layout)
+            h, d = self._k[layer].shape[1], self._k[layer].shape[3]
             nbytes = 2 * h * self.num_blocks * self.block_size * d * like.element_size()
             store = vmem.PageStore(nbytes)
             view = vmem.Window(nbytes, like.dtype)
@@ -321,7 +323,8 @@ class ContiguousKV:
         self._slot_maps.pop(slot, None)
 
     def _stop_sharing(self) -> None:
-        """Past the mapping budget: every row becomes a private copy of what it shows, for good."""
+        """Every row becomes a private copy of what it shows, for good (mapping budget spent, the OS refused,
+        or a layer of another layout)."""
         for arenas in (self._k, self._v):
             for layer, arena in enumerate(arenas):
                 if arena is not None:
