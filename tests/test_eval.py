@@ -180,6 +180,11 @@ def test_planted_softmax_scale_bug_fails_every_axis_after_the_first_token(cache,
         return original(q, q_starts, context_lens, keys, values, scale=scale * (1.5 if decode_only else 1.0), **kw)
 
     monkeypatch.setattr(attention, "sequence_attention_ref", wrong_decode_scale)
+    # decode rows go through the batched CPU kernel where it is available: the same bug there
+    real_ext = attention.cpu_ext.decode_attention
+    monkeypatch.setattr(attention.cpu_ext, "decode_attention",
+                        lambda q, k, v, rows, slots, lens, scale, out: real_ext(q, k, v, rows, slots, lens, scale * 1.5,
+                                                                                out))
     opts = EvalOptions(archs=("llama",), axes=("generate", "engine"), dtypes=("float32",), cache_dir=cache,
                        num_prompts=3, max_new_tokens=8, progress=False)
     results = run_eval(opts)

@@ -21,6 +21,7 @@ from hf_turbo.config import TurboConfig
 from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.kernels import cpu_ext
 from hf_turbo.sampling import RowState, SamplingParams, random_seed, sample
 from hf_turbo.spec.decoder import SpecDecoder
 from hf_turbo.spec.proposers import validate_draft
@@ -113,6 +114,8 @@ class Engine:
                                    config.cache.enable_prefix_caching)
         self.scheduler.on_release = self.cache.contiguous.drop
         self.runner = ModelRunner(model, self.cache, config.backend)
+        if self.device.type == "cpu" and param.dtype == torch.float32:
+            cpu_ext.available()  # build (once per machine) and check the batched decode attention now, untimed
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

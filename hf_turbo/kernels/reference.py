@@ -268,6 +268,7 @@ def sequence_attention_ref(
     sliding_window: int | None = None,
     softcap: float | None = None,
     out: Tensor | None = None,
+    skip_decode: bool = False,
 ) -> Tensor:
     """``paged_attention_ref`` with each sequence's keys already contiguous (no block tables, no gather).
 
@@ -276,7 +277,8 @@ def sequence_attention_ref(
     views are fine), or, with ``slots``, row ``slots[s]`` of arenas ``keys`` / ``values``
     ([num_slots, H_kv, capacity, D], see ``cache/contiguous.py``). The same per-sequence SDPA calls as
     ``paged_attention_ref`` on the same values, so the same bits (the CPU kernel's result does not depend
-    on the keys' strides).
+    on the keys' strides). With ``skip_decode`` (needs ``out``), sequences with one query row are left
+    as they are in ``out``: the caller computed them (``kernels/cpu_ext.py``).
     """
     out_given = out
     t, h_q, d = q.shape
@@ -296,7 +298,7 @@ def sequence_attention_ref(
     outs: list[Tensor] = []
     for s, length in enumerate(context_lens):
         q0, q1 = q_starts[s], q_starts[s + 1]
-        if q1 == q0:
+        if q1 == q0 or (skip_decode and q1 - q0 == 1):
             continue
         q_pos0 = length - (q1 - q0)
         start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0

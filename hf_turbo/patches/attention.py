@@ -20,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_turbo.kernels import flash_attention_varlen, paged_attention, use_triton
+from hf_turbo.kernels import cpu_ext, flash_attention_varlen, paged_attention, use_triton
 from hf_turbo.kernels.reference import sequence_attention_ref
 
 __all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask"]
@@ -69,7 +69,25 @@ def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scalin
         ctx.mirror_plan = mirror.plan(ctx.seqs, lens, cu, [seq.block_ids for seq in ctx.seqs])
     new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
     k_arena, v_arena = mirror.append(layer, ctx.mirror_plan, new_k, new_v, k_pool, v_pool, ctx.block_tables)
-    out = sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=ctx.mirror_plan.slots, scale=scaling,
+    slots = ctx.mirror_plan.slots
+    if softcap is None and sliding_window is None and q.dtype == torch.float32 and cpu_ext.available():
+        # every single-query sequence in one call, bitwise the per-sequence SDPA calls (kernels/cpu_ext.py)
+        if ctx.decode_batch is None:
+            picked = [s for s in range(len(lens)) if cu[s + 1] - cu[s] == 1]
+            ctx.decode_batch = (len(picked) == len(lens), torch.tensor([cu[s] for s in picked]),
+                                torch.tensor([slots[s] for s in picked]), torch.tensor([lens[s] for s in picked]))
+        only_decode, rows, row_slots, row_lens = ctx.decode_batch
+        t, h_q, d = q.shape
+        h_kv = k_arena.shape[1]
+        out = torch.empty_like(q)
+        if len(rows):
+            cpu_ext.decode_attention(q.view(t, h_kv, h_q // h_kv, d), k_arena, v_arena, rows, row_slots, row_lens,
+                                     scaling, out.view(t, h_kv, h_q // h_kv, d))
+        if not only_decode:
+            sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=slots, scale=scaling, out=out,
+                                   skip_decode=True)
+        return out.unsqueeze(0)
+    out = sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=slots, scale=scaling,
                                  sliding_window=sliding_window, softcap=softcap)
     return out.unsqueeze(0)
 

@@ -1,0 +1,144 @@
+"""The batched CPU decode attention (``csrc/cpu_decode_attention.cpp``), built on first use.
+
+The engine's CPU path attends each single-query sequence with its own
+``scaled_dot_product_attention`` call, because padding sequences into one call changes the kernel's
+bits. This C++ extension runs the same float operations as PyTorch's CPU flash-attention kernel for
+each sequence, but for all of a step's sequences in one call (no per-call dispatch, allocation and
+Python glue, and one pass over the K/V rows that the hardware prefetchers can follow).
+
+It is used only where it is bitwise equal to ``scaled_dot_product_attention``:
+
+* it is compiled for the CPU capability PyTorch dispatches to (``torch.backends.cpu.get_cpu_capability()``),
+  with the flags PyTorch builds that capability's kernels with;
+* before first use, :func:`load` compares it with ``scaled_dot_product_attention`` on random inputs
+  that cover vector tails, several 512-key blocks, and 1-8 query rows per KV head; any difference
+  disables it for the process (one warning), and the engine keeps its per-sequence calls.
+
+Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
+and the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
+When the build fails, the same fallback applies. ``HF_TURBO_NO_CPU_EXT=1`` turns the extension off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["load", "decode_attention", "available"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_decode_attention.cpp"
+# compiler flags PyTorch uses for its per-capability kernels (cmake/Codegen.cmake)
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+_lock = threading.Lock()
+_module = None
+_state = "unloaded"  # "unloaded" | "ready" | "off"
+
+
+def _build():
+    from torch.utils.cpp_extension import load as load_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in _CAPABILITY_FLAGS:
+        raise RuntimeError(f"no build flags for CPU capability {capability!r}")
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    flags = ["-O2", "-fno-math-errno", "-fno-trapping-math", f"-DCPU_CAPABILITY={capability}",
+             f"-DCPU_CAPABILITY_{capability}", *_CAPABILITY_FLAGS[capability]]
+    logger.info("building hf_turbo's CPU decode attention for %s (once; cached by torch.utils.cpp_extension)",
+                capability)
+    env_bin = str(Path(sys.executable).parent)  # the `ninja` pip package's binary sits beside the interpreter
+    path = os.environ.get("PATH", "")
+    if env_bin not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([path, env_bin]) if path else env_bin
+    return load_extension(name=f"hf_turbo_cpu_decode_{capability.lower()}_{tag}", sources=[str(_SOURCE)],
+                          extra_cflags=flags, verbose=False)
+
+
+def _self_check(module) -> str | None:
+    """None if the extension equals SDPA bitwise on random cases, else a description of the first miss."""
+    gen = torch.Generator().manual_seed(1234)
+    for h_kv, g, d, cap, lens in [
+        (2, 2, 64, 1100, [1, 7, 16, 17, 33, 100, 511, 512, 513, 700, 1024, 1025, 1100]),
+        (1, 1, 64, 40, [1, 3, 40]),
+        (3, 4, 32, 600, [5, 129, 600]),
+        (2, 8, 48, 530, [31, 520]),
+        (1, 40, 8, 1100, [33, 1023, 1100]),  # two query blocks
+        (4, 1, 128, 70, [2, 70]),
+    ]:
+        n = len(lens)
+        q = torch.randn(n + 1, h_kv, g, d, generator=gen)
+        k = torch.randn(n + 2, h_kv, cap, d, generator=gen)
+        v = torch.randn(n + 2, h_kv, cap, d, generator=gen)
+        k[..., 0] *= 8  # spread the scores so that the softmax is far from uniform
+        rows = torch.arange(1, n + 1)
+        slots = torch.arange(n + 1, 1, -1)
+        out = torch.zeros_like(q)
+        scale = d ** -0.5
+        module.decode_attention(q, k, v, rows, slots, torch.tensor(lens), scale, out)
+        for i, length in enumerate(lens):
+            r, s = int(rows[i]), int(slots[i])
+            ref = F.scaled_dot_product_attention(q[r:r + 1], k[s:s + 1, :, :length], v[s:s + 1, :, :length],
+                                                 scale=scale)
+            if not torch.equal(ref[0], out[r]):
+                diff = (ref[0] - out[r]).abs().max().item()
+                return f"H_kv={h_kv} g={g} D={d} L={length}: max abs difference {diff:.3g}"
+        if out[0].abs().sum() != 0:
+            return "wrote a row it was not given"
+    return None
+
+
+def load():
+    """The extension module, or None where it is off, failed to build, or is not bitwise equal to SDPA."""
+    global _module, _state
+    if _state == "ready":
+        return _module
+    if _state == "off":
+        return None
+    with _lock:
+        if _state != "unloaded":
+            return _module
+        if os.environ.get("HF_TURBO_NO_CPU_EXT", "") == "1":
+            _state = "off"
+            return None
+        try:
+            module = _build()
+        except Exception as exc:  # no compiler, no ninja, unsupported platform: per-sequence SDPA calls
+            logger.warning("hf_turbo's CPU decode attention is unavailable (%s: %s); using one SDPA call "
+                           "per sequence", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            _state = "off"
+            return None
+        miss = _self_check(module)
+        if miss is not None:
+            logger.warning("hf_turbo's CPU decode attention differs from scaled_dot_product_attention in this "
+                           "torch build (%s); using one SDPA call per sequence", miss)
+            _state = "off"
+            return None
+        _module, _state = module, "ready"
+        return _module
+
+
+def available() -> bool:
+    """Whether :func:`decode_attention` runs the extension (builds and checks it on the first call)."""
+    return load() is not None
+
+
+def decode_attention(q: torch.Tensor, k_arena: torch.Tensor, v_arena: torch.Tensor, rows: torch.Tensor,
+                     slots: torch.Tensor, lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Write ``out[rows[i]] = SDPA(q[rows[i]], k_arena[slots[i], :, :lens[i]], v_arena[...])`` for every i.
+
+    q, out: [T, H_kv, g, D] contiguous fp32 (g query heads per KV head as rows); arenas
+    [S, H_kv, C, D]; rows, slots, lens: int64 CPU tensors. Call :func:`available` first.
+    """
+    _module.decode_attention(q, k_arena, v_arena, rows, slots, lens, scale, out)

@@ -1,0 +1,147 @@
+"""The batched CPU decode attention (kernels/cpu_ext.py): bitwise the per-sequence SDPA calls, used by the
+engine, and a clean fallback when it cannot be used."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_turbo
+from hf_turbo import Engine, SamplingParams
+from hf_turbo.kernels import cpu_ext
+from hf_turbo.kernels.reference import sequence_attention_ref
+from hf_turbo.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not cpu_ext.available():
+        pytest.skip("the CPU decode attention did not build or failed its self-check here (see the log)")
+    return cpu_ext
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("h_kv,g,d", [(2, 2, 64), (1, 1, 16), (4, 2, 32), (2, 6, 40), (1, 32, 8), (1, 40, 8)])
+def test_bitwise_equal_to_per_sequence_sdpa(ext, h_kv, g, d, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_against_sdpa(ext, h_kv, g, d)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_against_sdpa(ext, h_kv, g, d):
+    gen = torch.Generator().manual_seed(h_kv * 100 + g * 10 + d)
+    lens = [1, 2, 15, 16, 17, 63, 200, 511, 512, 513, 1023, 1024, 1025, 1300]
+    n, cap = len(lens), 1300
+    # arenas as the mirror has them: views with a storage offset, a capacity beyond every length
+    k_store = torch.randn(n + 3, h_kv, cap + 5, d, generator=gen) * 3
+    v_store = torch.randn(n + 3, h_kv, cap + 5, d, generator=gen)
+    k, v = k_store[1:, :, :cap], v_store[1:, :, :cap]
+    q = torch.randn(n + 4, h_kv, g, d, generator=gen)
+    perm = torch.randperm(n, generator=gen)
+    rows = perm + 2  # any order, any rows
+    slots = torch.randperm(n + 2, generator=gen)[:n]
+    out = torch.full_like(q, 7.0)
+    scale = 0.7 / d ** 0.5
+    ext.decode_attention(q, k, v, rows, slots, torch.tensor([lens[i] for i in perm.tolist()]), scale, out)
+    for i in range(n):
+        r, s, length = int(rows[i]), int(slots[i]), lens[int(perm[i])]
+        ref = F.scaled_dot_product_attention(q[r:r + 1], k[s:s + 1, :, :length], v[s:s + 1, :, :length], scale=scale)
+        assert torch.equal(out[r], ref[0]), (r, length)
+    assert bool((out[:2] == 7.0).all()) and bool((out[n + 2:] == 7.0).all())  # rows not asked for: untouched
+
+
+def test_mixed_step_equals_reference(ext):
+    """Decode rows through the extension plus prefill chunks through the reference = the reference alone."""
+    gen = torch.Generator().manual_seed(5)
+    h_q, h_kv, d, cap = 4, 2, 16, 64
+    q_lens, ctx = [1, 5, 1, 3, 1], [40, 12, 9, 64, 1]
+    starts = [0]
+    for ql in q_lens:
+        starts.append(starts[-1] + ql)
+    q = torch.randn(starts[-1], h_q, d, generator=gen)
+    k = torch.randn(6, h_kv, cap, d, generator=gen)
+    v = torch.randn(6, h_kv, cap, d, generator=gen)
+    slots = [3, 0, 5, 1, 2]
+    want = sequence_attention_ref(q, starts, ctx, k, v, slots=slots, scale=0.25)
+    out = torch.full_like(q, float("nan"))
+    dec = [s for s, ql in enumerate(q_lens) if ql == 1]
+    ext.decode_attention(q.view(-1, h_kv, 2, d), k, v, torch.tensor([starts[s] for s in dec]),
+                         torch.tensor([slots[s] for s in dec]), torch.tensor([ctx[s] for s in dec]), 0.25,
+                         out.view(-1, h_kv, 2, d))
+    sequence_attention_ref(q, starts, ctx, k, v, slots=slots, scale=0.25, out=out, skip_decode=True)
+    assert torch.equal(out, want)
+
+
+def test_rejects_out_of_range_metadata(ext):
+    q = torch.randn(2, 1, 1, 8)
+    k = torch.randn(3, 1, 10, 8)
+    out = torch.empty_like(q)
+    one = torch.tensor([0])
+    for rows, slots, lens in [(one, torch.tensor([3]), torch.tensor([5])), (torch.tensor([2]), one, torch.tensor([5])),
+                              (one, one, torch.tensor([11])), (one, one, torch.tensor([0]))]:
+        with pytest.raises(RuntimeError, match="out of range"):
+            ext.decode_attention(q, k, k, rows, slots, lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.decode_attention(q.double(), k, k, one, one, one, 1.0, out)
+
+
+def test_engine_uses_it_and_matches_stock(ext, monkeypatch):
+    model = tiny_model("llama", seed=3)
+    calls = []
+    real = ext.decode_attention
+    monkeypatch.setattr(cpu_ext, "decode_attention", lambda *a: calls.append(a[3].numel()) or real(*a))
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(5 + 9 * i)] for i in range(5)]
+    want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+            for p in prompts]
+    engine = Engine(model)
+    got = [o.token_ids for o in engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0),
+                                                use_tqdm=False)]
+    assert got == want
+    assert calls and max(calls) == len(prompts)  # decode steps went through the extension, all at once
+
+
+def test_failed_self_check_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setattr(cpu_ext, "_build", lambda: object())
+    monkeypatch.setattr(cpu_ext, "_self_check", lambda module: "L=17: max abs difference 1e-07")
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.kernels.cpu_ext"):
+        assert not cpu_ext.available()
+        assert not cpu_ext.available()  # decided once
+    assert sum("differs from scaled_dot_product_attention" in r.message for r in caplog.records) == 1
+    model = tiny_model("qwen2", seed=1)
+    prompt = [5, 9, 2, 33, 7, 1]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    hf_turbo.accelerate(model)
+    try:
+        got = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    finally:
+        hf_turbo.restore(model)
+    assert got == want
+
+
+def test_failed_build_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
+    monkeypatch.setattr(cpu_ext, "_module", None)
+
+    def no_compiler():
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_ext, "_build", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.kernels.cpu_ext"):
+        assert not cpu_ext.available()
+    assert any("Ninja is required" in r.message for r in caplog.records)
+
+
+def test_env_turns_it_off(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setenv("HF_TURBO_NO_CPU_EXT", "1")
+    monkeypatch.setattr(cpu_ext, "_build", lambda: pytest.fail("built although turned off"))
+    assert not cpu_ext.available()
