@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ _CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
 
+_STALE_LOCK_S = 900  # a build takes about a minute; a lock file this old belongs to a killed build
+
 _lock = threading.Lock()
 _module = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
@@ -56,14 +59,25 @@ def _build():
     tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
     flags = ["-O2", "-fno-math-errno", "-fno-trapping-math", f"-DCPU_CAPABILITY={capability}",
              f"-DCPU_CAPABILITY_{capability}", *_CAPABILITY_FLAGS[capability]]
-    logger.info("building hf_turbo's CPU decode attention for %s (once; cached by torch.utils.cpp_extension)",
-                capability)
+    name = f"hf_turbo_cpu_decode_{capability.lower()}_{tag}"
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "torch_extensions")
+    build_dir = Path(base) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    # a build killed midway leaves torch's lock file behind, and the next load would wait on it forever
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        logger.warning("removing a stale build lock %s", lock)
+        lock.unlink(missing_ok=True)
+    if not (build_dir / f"{name}.so").exists():
+        logger.warning("hf_turbo: compiling the CPU decode attention for %s (once per machine, about a minute)",
+                       capability)
     env_bin = str(Path(sys.executable).parent)  # the `ninja` pip package's binary sits beside the interpreter
     path = os.environ.get("PATH", "")
     if env_bin not in path.split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([path, env_bin]) if path else env_bin
-    return load_extension(name=f"hf_turbo_cpu_decode_{capability.lower()}_{tag}", sources=[str(_SOURCE)],
-                          extra_cflags=flags, verbose=False)
+    return load_extension(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
+                          verbose=False)
 
 
 def _self_check(module) -> str | None:
