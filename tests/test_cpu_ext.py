@@ -157,7 +157,7 @@ def test_build_clears_only_a_stale_lock(tmp_path, monkeypatch, age_s, removed):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     seen = {}
 
-    def fake_load(name, sources, extra_cflags, build_directory, verbose):
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
         seen.update(name=name, dir=build_directory, lock_there=os.path.exists(os.path.join(build_directory, "lock")))
         return "module"
 

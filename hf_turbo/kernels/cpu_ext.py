@@ -57,7 +57,8 @@ def _build():
     if capability not in _CAPABILITY_FLAGS:
         raise RuntimeError(f"no build flags for CPU capability {capability!r}")
     tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
-    flags = ["-O2", "-fno-math-errno", "-fno-trapping-math", f"-DCPU_CAPABILITY={capability}",
+    # -fopenmp: at::parallel_for is inline OpenMP code; without it the call would run on one thread
+    flags = ["-O2", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", f"-DCPU_CAPABILITY={capability}",
              f"-DCPU_CAPABILITY_{capability}", *_CAPABILITY_FLAGS[capability]]
     name = f"hf_turbo_cpu_decode_{capability.lower()}_{tag}"
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
@@ -76,8 +77,8 @@ def _build():
     path = os.environ.get("PATH", "")
     if env_bin not in path.split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([path, env_bin]) if path else env_bin
-    return load_extension(name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
-                          verbose=False)
+    return load_extension(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                          build_directory=str(build_dir), verbose=False)
 
 
 def _self_check(module) -> str | None:

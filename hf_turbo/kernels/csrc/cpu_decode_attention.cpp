@@ -189,7 +189,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
   const int64_t buf_size = q_split * std::min<int64_t>(512, max_len) + 2 * q_split + q_split * d + 16;
   const auto scale_f = static_cast<float>(scale);
   const int64_t torch_threads = at::get_num_threads();
-  at::parallel_for(0, n * h_kv, 1, [&](int64_t begin, int64_t end) {
+  auto body = [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({buf_size}, q.options());  // 64-byte aligned, as the SDPA call's buffer
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / h_kv, h = task % h_kv;
@@ -198,7 +198,17 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
                              v_p + slot_p[i] * v_arena.stride(0) + h * v_arena.stride(1), kv_stride, g, len_p[i],
                              d, scale_f, o_p + q_off, buf.data_ptr<float>(), h, h_kv, torch_threads);
     }
-  });
+  };
+  // The SDPA call runs its (head, query block) items in an OpenMP region when it has more than one, and
+  // MKL then computes each sgemm on one thread; with a single item it calls MKL outside any region,
+  // where MKL may split an sgemm across threads and round differently. Match that: this call's own
+  // parallel region only where every SDPA call would have had one.
+  const int64_t items_per_call = h_kv * ((g + q_split - 1) / q_split);
+  if (torch_threads > 1 && items_per_call == 1) {
+    body(0, n * h_kv);
+  } else {
+    at::parallel_for(0, n * h_kv, 1, body);
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
