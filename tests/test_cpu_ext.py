@@ -89,6 +89,8 @@ def test_rejects_out_of_range_metadata(ext):
             ext.decode_attention(q, k, k, rows, slots, lens, 1.0, out)
     with pytest.raises(RuntimeError, match="float32"):
         ext.decode_attention(q.double(), k, k, one, one, one, 1.0, out)
+    with pytest.raises(RuntimeError, match="share the layout"):
+        ext.decode_attention(q, k, k[:, :, :5], one, one, one, 1.0, out)
 
 
 def test_engine_uses_it_and_matches_stock(ext, monkeypatch):

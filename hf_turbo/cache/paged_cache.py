@@ -41,7 +41,7 @@ class ForwardContext:
     host_context_lens: list[int] | None = None
     seqs: list | None = None
     mirror_plan: object | None = None  # ContiguousKV.plan of this forward, made by its first attention call
-    decode_batch: tuple | None = None  # (rows, slots, lengths) of its single-query sequences, for cpu_ext
+    decode_batch: tuple | None = None  # (all single-query?, their rows, slots, lengths): for cpu_ext, made once
 
 
 def kv_layout(config) -> tuple[int, int, int]:

@@ -166,8 +166,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
               "decode_attention: q and out must be contiguous [T, H_kv, g, D]");
   TORCH_CHECK(k_arena.dim() == 4 && v_arena.dim() == 4 && k_arena.stride(3) == 1 && v_arena.stride(3) == 1,
               "decode_attention: arenas must be [S, H_kv, C, D] with a contiguous last dim");
-  TORCH_CHECK(k_arena.stride(2) == v_arena.stride(2) && k_arena.size(1) == q.size(1) &&
-                  k_arena.size(3) == q.size(3),
+  TORCH_CHECK(k_arena.sizes() == v_arena.sizes() && k_arena.stride(2) == v_arena.stride(2) &&
+                  k_arena.size(1) == q.size(1) && k_arena.size(3) == q.size(3),
               "decode_attention: k and v arenas must share the layout and match q");
   const int64_t n = rows.numel();
   const int64_t h_kv = q.size(1), g = q.size(2), d = q.size(3);
