@@ -11,7 +11,7 @@ It is used only where it is bitwise equal to ``scaled_dot_product_attention``:
 * it is compiled for the CPU capability PyTorch dispatches to (``torch.backends.cpu.get_cpu_capability()``),
   with the flags PyTorch builds that capability's kernels with;
 * before first use, :func:`load` compares it with ``scaled_dot_product_attention`` on random inputs
-  that cover vector tails, several 512-key blocks, and 1-8 query rows per KV head; any difference
+  that cover vector tails, several 512-key blocks, and 1-40 query rows per KV head; any difference
   disables it for the process (one warning), and the engine keeps its per-sequence calls.
 
 Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
