@@ -90,8 +90,14 @@ inline float exp_sum(float* a, float max, int64_t size) {
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// query rows per block, as ATen's dispatcher picks its q_split_size from the call's query length
+inline int64_t q_split_for(int64_t rows) {
+  return std::min<int64_t>(rows >= 768 ? 256 : (rows >= 192 ? 64 : 32), rows);
+}
+
 // One (sequence, KV head h of num_heads): q [rows, D] (row stride q_stride), k/v [L, D] (row stride
-// kv_stride), out [rows, D] (row stride q_stride). buf: 64-byte aligned, buf_floats() floats.
+// kv_stride), out [rows, D] (row stride q_stride). buf: 64-byte aligned, with 16 floats of room beyond
+// q_split * min(512, L) + 2 * q_split + q_split * D.
 //
 // MKL's sgemm can round differently for differently aligned operands, so the scratch rows sit where
 // the SDPA call would have put them: in its per-thread buffer (64-byte aligned, one
@@ -100,7 +106,7 @@ inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 void attend_one(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride,
                 int64_t rows, int64_t kv_len, int64_t head_dim, float scale, float* out, float* buf, int64_t h,
                 int64_t num_heads, int64_t torch_threads) {
-  const int64_t q_split = std::min<int64_t>(rows >= 768 ? 256 : (rows >= 192 ? 64 : 32), rows);
+  const int64_t q_split = q_split_for(rows);
   const int64_t kv_split = std::min<int64_t>(512, kv_len);
   const int64_t q_slice = divup(rows, q_split);
   const int64_t size_per_thread = q_split * kv_split + 2 * q_split + q_split * head_dim;
@@ -184,7 +190,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
   const float* k_p = k_arena.data_ptr<float>();
   const float* v_p = v_arena.data_ptr<float>();
   float* o_p = out.data_ptr<float>();
-  const int64_t q_split = std::min<int64_t>(g >= 768 ? 256 : (g >= 192 ? 64 : 32), g);
+  const int64_t q_split = at::native::q_split_for(g);
   const int64_t max_len = n ? *std::max_element(len_p, len_p + n) : 1;
   const int64_t buf_size = q_split * std::min<int64_t>(512, max_len) + 2 * q_split + q_split * d + 16;
   const auto scale_f = static_cast<float>(scale);
@@ -203,7 +209,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
   // MKL then computes each sgemm on one thread; with a single item it calls MKL outside any region,
   // where MKL may split an sgemm across threads and round differently. Match that: this call's own
   // parallel region only where every SDPA call would have had one.
-  const int64_t items_per_call = h_kv * ((g + q_split - 1) / q_split);
+  const int64_t items_per_call = h_kv * at::native::divup(g, q_split);
   if (torch_threads > 1 && items_per_call == 1) {
     body(0, n * h_kv);
   } else {
