@@ -91,6 +91,9 @@ class TurboConfig:
     chunks); prompts longer than it are prefilled in chunks. ``max_num_seqs`` caps the running
     batch. ``debug_checks`` runs the block-pool invariant check after every step. ``speculative``
     turns on speculative decoding (per request it still obeys ``SamplingParams.speculative``).
+    ``lean_forward`` lets the engine run stock Llama, Mistral, Qwen2 and Qwen3 models through the
+    same ops without transformers' module machinery (``engine/lean.py``; checked bit for bit against
+    the model's own forward on one early step); False always calls the model.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -101,6 +104,7 @@ class TurboConfig:
     backend: str = "auto"
     debug_checks: bool = False
     speculative: SpeculativeConfig | None = None
+    lean_forward: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, CacheConfig):
@@ -115,6 +119,9 @@ class TurboConfig:
             raise ValueError(f"TurboConfig.max_waiting must be an integer >= 1 or None, got {self.max_waiting!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"TurboConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        for name in ("debug_checks", "lean_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TurboConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ValueError(f"TurboConfig.speculative must be a SpeculativeConfig or None, "
                              f"got {type(self.speculative).__name__}")

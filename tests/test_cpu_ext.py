@@ -172,3 +172,72 @@ def test_build_clears_only_a_stale_lock(tmp_path, monkeypatch, age_s, removed):
     os.utime(lock, (time.time() - age_s, time.time() - age_s))
     cpu_ext._build()
     assert seen["lock_there"] is not removed
+
+
+# -- the K/V writes and the rotary embedding -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_kv_into_pool_and_rows(ext, dtype):
+    """scatter_kv writes what index_copy_ writes, into a pool seen through a permute and into [S, H, C, D] rows."""
+    gen = torch.Generator().manual_seed(7)
+    n, h, d, bs, blocks = 11, 3, 8, 4, 6
+    # k as the attention has it: [T, H, D] over [H, T, D] memory (strided), v contiguous
+    k = torch.randn(h, n, d, generator=gen).to(dtype).transpose(0, 1)
+    v = torch.randn(n, h, d, generator=gen).to(dtype)
+    slots = torch.randperm(blocks * bs, generator=gen)[:n]
+    pool_k = torch.full((blocks, bs, h, d), 5.0, dtype=dtype)
+    pool_v = pool_k.clone()
+    ext.scatter_kv(k, v, pool_k.permute(0, 2, 1, 3), pool_v.permute(0, 2, 1, 3), slots, bs)
+    ref_k = torch.full((blocks * bs, h, d), 5.0, dtype=dtype).index_copy_(0, slots, k)
+    ref_v = torch.full((blocks * bs, h, d), 5.0, dtype=dtype).index_copy_(0, slots, v)
+    assert torch.equal(pool_k.view(-1, h, d), ref_k) and torch.equal(pool_v.view(-1, h, d), ref_v)
+
+    rows_k = torch.zeros(4, h, 10, d, dtype=dtype)
+    rows_v = torch.zeros(4, h, 10, d, dtype=dtype)
+    slot, pos = torch.randint(0, 4, (n,), generator=gen), torch.randperm(10, generator=gen)[:n % 10 + 1]
+    slot, pos = slot[: len(pos)], pos
+    ext.scatter_kv(k[: len(pos)], v[: len(pos)], rows_k, rows_v, slot * 10 + pos, 10)
+    for i in range(len(pos)):
+        assert torch.equal(rows_k[slot[i], :, pos[i]], k[i]) and torch.equal(rows_v[slot[i], :, pos[i]], v[i])
+    assert int((rows_k != 0).any(-1).sum()) == len(pos) * h  # nothing else written
+
+
+def test_scatter_kv_rejects_bad_input(ext):
+    k = torch.randn(3, 2, 8)
+    pool = torch.zeros(2, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.scatter_kv(k, k, pool, pool.clone(), torch.tensor([0, 1, 8]), 4)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.scatter_kv(k.double(), k.double(), pool, pool.clone(), torch.tensor([0, 1, 2]), 4)
+    with pytest.raises(RuntimeError, match="one entry per token"):
+        ext.scatter_kv(k, k, pool, pool.clone(), torch.tensor([0, 1]), 4)
+    with pytest.raises(RuntimeError, match="block"):
+        ext.scatter_kv(k, k, pool, pool.clone(), torch.tensor([0, 1, 2]), 3)
+
+
+@pytest.mark.parametrize("t,d", [(1, 64), (7, 64), (33, 128), (5, 16), (3, 6)])
+def test_rope_bitwise_equal_to_transformers(ext, t, d):
+    """The one-call rotary embedding equals transformers' apply_rotary_pos_emb bit for bit (no FMA contraction)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    if not ext.rope_ready():
+        pytest.skip("the extension's rope failed its check here (see the log)")
+    gen = torch.Generator().manual_seed(t * 1000 + d)
+    q = torch.randn(1, t, 4, d, generator=gen).transpose(1, 2) * 50  # the layout the projections give
+    k = torch.randn(1, t, 2, d, generator=gen).transpose(1, 2) * 50
+    angles = torch.rand(1, t, d // 2, generator=gen) * 2000
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+    got_q, got_k = ext.rope(q, k, cos, sin)
+    assert got_q.shape == ref_q.shape and got_k.shape == ref_k.shape
+    assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+
+
+def test_rope_rejects_bad_input(ext):
+    q = torch.randn(1, 4, 3, 8)
+    cos = torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.rope(q.double(), q.double(), cos.double(), cos.double())
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        ext.rope(q, q, cos[:, :2], cos[:, :2])
+    with pytest.raises(RuntimeError, match="even"):
+        ext.rope(q[..., :7], q[..., :7], cos[..., :7], cos[..., :7])

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from hf_turbo.cache import vmem
+from hf_turbo.kernels import cpu_ext
 from hf_turbo.kernels.reference import _gather_keys as _gather
 
 __all__ = ["ContiguousKV", "MirrorPlan"]
@@ -74,6 +75,18 @@ class MirrorPlan:
     _pos_slot: Tensor | tuple[list[int], list[int]]  # each new token's position and slot ([2, T] or lists)
     _index: dict[int, Tensor] = field(default_factory=dict)
     adopt: list[tuple[int, list[int]]] = field(default_factory=list)  # (sequence, cached blocks to map)
+    _flat: Tensor | None = None
+
+    def flat_index(self) -> Tensor:
+        """[T] int64 ``slot * capacity + position`` of each new token (``cpu_ext.scatter_kv`` with block=capacity)."""
+        if self._flat is None:
+            cap = self.capacity
+            if isinstance(self._pos_slot, tuple):
+                pos, slot = self._pos_slot
+                self._flat = torch.tensor([s * cap + p for p, s in zip(pos, slot, strict=True)], dtype=torch.int64)
+            else:
+                self._flat = self._pos_slot[1] * cap + self._pos_slot[0]
+        return self._flat
 
     def index(self, num_heads: int, device: torch.device) -> Tensor:
         """[T * H] flat row of each (token, head) in an arena viewed as ``[slots * H * capacity, D]``."""
@@ -239,7 +252,9 @@ class ContiguousKV:
                 ka[state.slot, :, valid:start] = _gather(k_pool, block_tables[i], valid, start).transpose(0, 1)
                 va[state.slot, :, valid:start] = _gather(v_pool, block_tables[i], valid, start).transpose(0, 1)
             state.valid[layer] = plan.ends[i]  # anything past end (rejected, recomputed) is no longer valid
-        if new_k.shape[0]:
+        if new_k.shape[0] and ka.device.type == "cpu" and cpu_ext.ready():
+            cpu_ext.scatter_kv(new_k, new_v, ka, va, plan.flat_index(), self._capacity)
+        elif new_k.shape[0]:
             idx = plan.index(h, ka.device)
             ka.view(-1, d).index_copy_(0, idx, new_k.reshape(-1, d))
             va.view(-1, d).index_copy_(0, idx, new_v.reshape(-1, d))

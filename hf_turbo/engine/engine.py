@@ -113,9 +113,9 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
         self.scheduler.on_release = self.cache.contiguous.drop
-        self.runner = ModelRunner(model, self.cache, config.backend)
-        if self.device.type == "cpu" and param.dtype == torch.float32:
-            cpu_ext.available()  # build (once per machine) and check the batched decode attention now, untimed
+        self.runner = ModelRunner(model, self.cache, config.backend, lean=config.lean_forward)
+        if self.device.type == "cpu":
+            cpu_ext.available()  # build (once per machine) and check the C++ CPU helpers now, untimed
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

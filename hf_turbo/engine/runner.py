@@ -5,27 +5,48 @@ All scheduled sequences are laid back to back in ``input_ids`` [1, T] with expli
 tables) rides along in the forward's kwargs to the "hf_turbo" attention, and the paged cache is the
 model's ``Cache``. Logits are computed only at the positions that are sampled (``logits_to_keep``
 as an index tensor).
+
+For stock Llama-structured models the forward goes through :class:`~hf_turbo.engine.lean.LeanForward`
+(the same ops without the module machinery). Until it has been checked, steps call the model; the
+first step of at most ``LEAN_CHECK_TOKENS`` tokens runs the lean forward and then the model's own,
+and the lean one is kept only if the logits are bitwise equal. The model's forward runs second, so
+its K/V are what the cache holds either way.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache
+from hf_turbo.engine.lean import LeanForward
 from hf_turbo.engine.request import Request
 from hf_turbo.patches.attention import CTX_KWARG
 from hf_turbo.patches.compat import forward_cache_kwargs
 
 __all__ = ["ModelRunner"]
 
+logger = logging.getLogger(__name__)
+
+LEAN_CHECK_TOKENS = 256  # the lean forward is checked on a step this small (a second forward costs little)
+
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, backend: str = "auto") -> None:
+    """Packs scheduled requests into one forward of ``model`` over ``cache``.
+
+    ``lean``: use :class:`LeanForward` where the model qualifies, once a step has shown that it
+    gives the model's logits bit for bit (``lean_verified``).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, backend: str = "auto", lean: bool = True) -> None:
         self.model = model
         self.cache = cache
         self.backend = backend
         self.device = cache.device
         self.block_size = cache.block_size
+        self.lean = LeanForward.build(model) if lean else None
+        self.lean_verified = False
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]], logit_rows: list[list[int]] | None = None
@@ -68,28 +89,57 @@ class ModelRunner:
             max_blocks = max(max_blocks, len(blocks))
         table = [req.block_ids + [0] * (max_blocks - len(req.block_ids)) for req, _ in scheduled]
         dev = self.device
-        ctx = ForwardContext(
-            cache=self.cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            max_seqlen_q=max_q,
-            max_context_len=max(ctx_lens),
-            backend=self.backend,
-            host_cu_seqlens_q=cu,
-            host_context_lens=ctx_lens,
-            seqs=[req for req, _ in scheduled],
-        )
+        tensors = (torch.tensor(slots, dtype=torch.int64, device=dev), torch.tensor(cu, dtype=torch.int32, device=dev),
+                   torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+                   torch.tensor(table, dtype=torch.int32, device=dev))
+        seqs = [req for req, _ in scheduled]
+
+        def context() -> ForwardContext:
+            return ForwardContext(
+                cache=self.cache, slot_mapping=tensors[0], cu_seqlens_q=tensors[1], context_lens=tensors[2],
+                block_tables=tensors[3], max_seqlen_q=max_q, max_context_len=max(ctx_lens), backend=self.backend,
+                host_cu_seqlens_q=cu, host_context_lens=ctx_lens, seqs=seqs)
+
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
+        logits_to_keep = torch.tensor(keep, dtype=torch.long, device=dev)
+        lean = self.lean if self.lean is not None and self.lean.usable() else None
+        if lean is not None and not self.lean_verified and len(ids) > LEAN_CHECK_TOKENS:
+            lean = None  # not checked yet, and this step is too big to run twice
+        if lean is not None and self.lean_verified:
+            logits = self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())
+        else:
+            if lean is not None:
+                try:
+                    lean_logits = self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())
+                except Exception as exc:  # noqa: BLE001 - any failure means: not this path
+                    lean_logits = exc
+            logits = self._run(lambda ctx: self.model(
+                input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
+                **forward_cache_kwargs(self.cache), **{CTX_KWARG: ctx}).logits, context())
+            if lean is not None:
+                self._check_lean(lean_logits, logits)
+        return logits[0].float()
+
+    def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
         self.cache.ctx = ctx
         try:
-            out = self.model(
-                input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
-                position_ids=torch.tensor([pos], dtype=torch.long, device=dev),
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
-                **forward_cache_kwargs(self.cache),
-                **{CTX_KWARG: ctx},
-            )
+            return forward(ctx)
         finally:
             self.cache.ctx = None
-        return out.logits[0].float()
+
+    def _check_lean(self, lean_logits, logits: torch.Tensor) -> None:
+        if isinstance(lean_logits, torch.Tensor) and lean_logits.shape == logits.shape and torch.equal(lean_logits,
+                                                                                                      logits):
+            self.lean_verified = True
+            return
+        if isinstance(lean_logits, Exception):
+            why = f"it raised {type(lean_logits).__name__}: {lean_logits}"
+        elif lean_logits.shape != logits.shape:
+            why = f"its logits have shape {tuple(lean_logits.shape)}, not {tuple(logits.shape)}"
+        else:
+            diff = (lean_logits.float() - logits.float()).abs().nan_to_num(float("inf")).max().item()
+            why = f"its logits differ from the model's by up to {diff:.3g}"
+        logger.warning("%s: the lean forward is off for this engine (%s); every step calls the model",
+                       type(self.model).__name__, why)
+        self.lean = None

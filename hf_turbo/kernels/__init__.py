@@ -35,7 +35,7 @@ import os
 
 from torch import Tensor
 
-from hf_turbo.kernels import _validate
+from hf_turbo.kernels import _validate, cpu_ext
 from hf_turbo.kernels.reference import flash_attention_varlen_ref, paged_attention_ref, store_kv_ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -73,6 +73,10 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
         _store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
         return
     if not validate:
+        if k_cache.device.type == "cpu" and cpu_ext.ready():  # one byte-copy call for K and V
+            bs = k_cache.shape[1]
+            cpu_ext.scatter_kv(key, value, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), slot_mapping, bs)
+            return
         h, d = k_cache.shape[2], k_cache.shape[3]
         k_cache.view(-1, h, d).index_copy_(0, slot_mapping, key)
         v_cache.view(-1, h, d).index_copy_(0, slot_mapping, value)

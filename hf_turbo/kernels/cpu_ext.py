@@ -14,6 +14,11 @@ It is used only where it is bitwise equal to ``scaled_dot_product_attention``:
   that cover vector tails, several 512-key blocks, and 1-40 query rows per KV head; any difference
   disables it for the process (one warning), and the engine keeps its per-sequence calls.
 
+Two small helpers ride along: :func:`scatter_kv` writes a step's K/V rows into the paged pool or the
+contiguous rows in one call (a byte copy; ``index_copy_`` costs ~10-20 us per call on a decode
+step), and :func:`rope` computes transformers' ``apply_rotary_pos_emb`` in one call instead of 16 ops
+(checked bitwise against it at load; a miss turns only the rope off).
+
 Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
 and the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
 When the build fails, the same fallback applies. ``HF_TURBO_NO_CPU_EXT=1`` turns the extension off.
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["load", "decode_attention", "available"]
+__all__ = ["available", "decode_attention", "load", "ready", "rope", "rope_ready", "scatter_kv"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ _STALE_LOCK_S = 900  # a build takes about a minute; a lock file this old belong
 _lock = threading.Lock()
 _module = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
+_rope_ok = False  # the rope passed its check (load)
 
 
 def _build():
@@ -114,6 +120,26 @@ def _self_check(module) -> str | None:
     return None
 
 
+def _rope_check(module) -> str | None:
+    """None if the extension's rope equals transformers' ``apply_rotary_pos_emb`` bitwise, else the first miss."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(4321)
+    for h_q, h_k, t, d in [(4, 2, 1, 64), (4, 2, 37, 64), (8, 1, 5, 128), (3, 3, 16, 32), (2, 2, 9, 80)]:
+        q = torch.randn(1, t, h_q, d, generator=gen).transpose(1, 2) * 30  # [1, H, T, D] over [1, T, H, D]
+        k = torch.randn(1, h_k, t, d, generator=gen)
+        angles = torch.rand(1, t, d // 2, generator=gen) * 1000
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, cos, sin)
+        got_q, got_k = module.rope(q, k, cos, sin)
+        for name, ref, got in (("q", ref_q, got_q), ("k", ref_k, got_k)):
+            if not torch.equal(ref, got):
+                diff = (ref - got).abs().max().item()
+                return f"{name} of H={ref.shape[1]} T={t} D={d}: max abs difference {diff:.3g}"
+    return None
+
+
 def load():
     """The extension module, or None where it is off, failed to build, or is not bitwise equal to SDPA."""
     global _module, _state
@@ -140,6 +166,12 @@ def load():
                            "torch build (%s); using one SDPA call per sequence", miss)
             _state = "off"
             return None
+        global _rope_ok
+        miss = _rope_check(module)
+        if miss is not None:
+            logger.warning("hf_turbo's CPU rotary embedding differs from transformers' in this build (%s); "
+                           "using transformers' own", miss)
+        _rope_ok = miss is None
         _module, _state = module, "ready"
         return _module
 
@@ -147,6 +179,36 @@ def load():
 def available() -> bool:
     """Whether :func:`decode_attention` runs the extension (builds and checks it on the first call)."""
     return load() is not None
+
+
+def ready() -> bool:
+    """Whether the extension is loaded and checked; unlike :func:`available` this never builds it."""
+    return _state == "ready"
+
+
+def rope_ready() -> bool:
+    """Whether :func:`rope` may be used (the extension is ready and its rope passed the check); never builds."""
+    return _state == "ready" and _rope_ok
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` of transformers, bitwise, in one call (float32).
+
+    q [1, Hq, T, D], k [1, Hk, T, D], cos/sin [1, T, D]; returns [1, H, T, D] views of [1, T, H, D]
+    memory. Call only when :func:`rope_ready`.
+    """
+    out_q, out_k = _module.rope(q, k, cos, sin)
+    return out_q, out_k
+
+
+def scatter_kv(k: torch.Tensor, v: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor, index: torch.Tensor,
+               block: int) -> None:
+    """``k_dst[index[n] // block, h, index[n] % block] = k[n, h]`` for every token n and head h (v likewise).
+
+    k, v: [N, H, D]; k_dst, v_dst: [A, H, block, D] views of one layout (last dims contiguous);
+    index: int64 [N]. A byte copy (any dtype). Call only when :func:`ready`.
+    """
+    _module.scatter_kv(k, v, k_dst, v_dst, index, block)
 
 
 def decode_attention(q: torch.Tensor, k_arena: torch.Tensor, v_arena: torch.Tensor, rows: torch.Tensor,

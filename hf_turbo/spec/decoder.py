@@ -50,7 +50,8 @@ class SpecDecoder:
         if config.method == "draft":
             self.proposer = DraftModelProposer(config.draft_model, num_blocks, turbo.cache.block_size,
                                                turbo.backend, turbo.max_num_batched_tokens,
-                                               prefix_caching=turbo.cache.enable_prefix_caching)
+                                               prefix_caching=turbo.cache.enable_prefix_caching,
+                                               lean=turbo.lean_forward)
         else:
             self.proposer = NgramProposer(config.ngram_max, config.ngram_min)
         self.k = AdaptiveK(config.num_tokens, config.adaptive)

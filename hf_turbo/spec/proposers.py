@@ -132,7 +132,7 @@ class DraftModelProposer:
     """
 
     def __init__(self, draft, num_blocks: int, block_size: int, backend: str = "auto",
-                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True) -> None:
+                 max_num_batched_tokens: int = 2048, prefix_caching: bool = True, lean: bool = True) -> None:
         from hf_turbo.api import accelerate, is_accelerated
 
         self.model = draft
@@ -142,7 +142,7 @@ class DraftModelProposer:
         num_layers = draft.config.get_text_config().num_hidden_layers
         self.cache = PagedKVCache(num_blocks, block_size, num_layers, param.dtype, param.device)
         self.pool = BlockPool(num_blocks, block_size)
-        self.runner = ModelRunner(draft, self.cache, backend)
+        self.runner = ModelRunner(draft, self.cache, backend, lean=lean)
         self.max_num_batched_tokens = max_num_batched_tokens
         # full blocks of target tokens are cached in the draft's pool too: requests sharing a prompt
         # prefix (or one that comes back after preemption) make the draft compute it once

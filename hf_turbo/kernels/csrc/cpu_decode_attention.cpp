@@ -8,6 +8,9 @@
 // the online-softmax rescale, a p@v gemm, and one multiply by the reciprocal of the sum. It is built
 // for the CPU capability PyTorch dispatches to (hf_turbo/kernels/cpu_ext.py), and that module checks it
 // against scaled_dot_product_attention bit for bit before the engine uses it.
+//
+// The same extension carries two helpers of the engine's CPU step: scatter_kv (the K/V writes of a
+// step as one byte copy) and rope (transformers' rotary embedding in one call, bitwise).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -16,6 +19,9 @@
 #include <c10/util/irange.h>
 
 #include <cmath>
+#include <array>
+#include <cstring>
+#include <vector>
 #include <limits>
 
 // MKL's Fortran sgemm, exported by libtorch_cpu: the routine at::native::cpublas::gemm calls for float
@@ -217,6 +223,114 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_arena, const at::
   }
 }
 
+// The K/V writes of a step, into the paged pool or the contiguous rows, K and V in one call:
+// k_dst[index[n] / block, h, index[n] % block, :] = k[n, h, :] for every new token n and head h (v likewise).
+// k, v: [N, H, D]; k_dst, v_dst: [A, H, block, D] (the pool [blocks, block_size, H, D] seen through a
+// permute, or the rows [slots, H, capacity, D]); the last dim contiguous everywhere, any other strides.
+// A byte copy, so any dtype; index_copy_ spends most of its time per row, not per byte, on a decode step.
+void scatter_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_dst, at::Tensor& v_dst,
+                const at::Tensor& index, int64_t block) {
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && k_dst.device().is_cpu() && v_dst.device().is_cpu() &&
+                  index.device().is_cpu(),
+              "scatter_kv: CPU tensors only");
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
+              "scatter_kv: k and v must be [N, H, D] with a contiguous last dim");
+  TORCH_CHECK(k_dst.dim() == 4 && v_dst.sizes() == k_dst.sizes() && k_dst.strides() == v_dst.strides() &&
+                  k_dst.stride(3) == 1,
+              "scatter_kv: k_dst and v_dst must be [A, H, block, D] of one layout with a contiguous last dim");
+  TORCH_CHECK(k.scalar_type() == k_dst.scalar_type() && v.scalar_type() == k.scalar_type() &&
+                  v_dst.scalar_type() == k.scalar_type(),
+              "scatter_kv: all tensors must have one dtype");
+  TORCH_CHECK(k_dst.size(1) == k.size(1) && k_dst.size(3) == k.size(2) && k_dst.size(2) == block,
+              "scatter_kv: destination is not [A, H, block, D] for these heads and head size");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 1 && index.is_contiguous() &&
+                  index.size(0) == k.size(0),
+              "scatter_kv: index must be a contiguous int64 vector with one entry per token");
+  const int64_t n = k.size(0), heads = k.size(1), limit = k_dst.size(0) * block;
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (const auto i : c10::irange(n)) {
+    TORCH_CHECK(idx[i] >= 0 && idx[i] < limit, "scatter_kv: index ", idx[i], " out of range [0, ", limit, ")");
+  }
+  const int64_t es = k.element_size();
+  const size_t row_bytes = static_cast<size_t>(k.size(2) * es);
+  const std::array<const char*, 2> src = {static_cast<const char*>(k.data_ptr()),
+                                          static_cast<const char*>(v.data_ptr())};
+  const std::array<char*, 2> dst = {static_cast<char*>(k_dst.data_ptr()), static_cast<char*>(v_dst.data_ptr())};
+  const std::array<int64_t, 2> src_n = {k.stride(0) * es, v.stride(0) * es};
+  const std::array<int64_t, 2> src_h = {k.stride(1) * es, v.stride(1) * es};
+  const int64_t dst_a = k_dst.stride(0) * es, dst_h = k_dst.stride(1) * es, dst_b = k_dst.stride(2) * es;
+  for (const auto t : c10::irange(2)) {
+    for (const auto i : c10::irange(n)) {
+      char* row = dst[t] + (idx[i] / block) * dst_a + (idx[i] % block) * dst_b;
+      const char* from = src[t] + i * src_n[t];
+      for (const auto h : c10::irange(heads)) {
+        std::memcpy(row + h * dst_h, from + h * src_h[t], row_bytes);
+      }
+    }
+  }
+}
+
+// Rotary embedding as transformers' apply_rotary_pos_emb computes it in float32:
+// out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]).
+// Every element is two IEEE multiplies and one add, each rounded, which is what ATen's mul, neg, cat
+// and add give; contraction into an FMA would round once instead, so it is off for this function.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+static void rope_rows(const float* __restrict__ x, int64_t x_t, int64_t x_h, const float* __restrict__ c,
+                      const float* __restrict__ s, int64_t cs_t, float* __restrict__ out, int64_t t_len,
+                      int64_t heads, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t t = 0; t < t_len; ++t) {
+    const float* ct = c + t * cs_t;
+    const float* st = s + t * cs_t;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xr = x + t * x_t + h * x_h;
+      float* o = out + (t * heads + h) * d;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xr[i] * ct[i];
+        const float b = (-xr[i + half]) * st[i];
+        o[i] = a + b;
+      }
+      for (int64_t i = half; i < d; ++i) {
+        const float a = xr[i] * ct[i];
+        const float b = xr[i - half] * st[i];
+        o[i] = a + b;
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+
+// q [1, Hq, T, D], k [1, Hk, T, D] float32 (last dim contiguous, any other strides); cos, sin [1, T, D]
+// (last dim contiguous, one layout). Returns the rotated q and k as [1, H, T, D] views of [1, T, H, D]
+// memory, which is how the attention reads them ([T, H, D]).
+std::vector<at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(),
+              "rope: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat,
+              "rope: float32 only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && q.size(2) == k.size(2) &&
+                  q.size(3) == k.size(3) && q.stride(3) == 1 && k.stride(3) == 1,
+              "rope: q and k must be [1, H, T, D] with a contiguous last dim");
+  const int64_t t_len = q.size(2), d = q.size(3);
+  TORCH_CHECK(d % 2 == 0, "rope: the head size must be even");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.strides() == sin.strides() && cos.size(0) == 1 &&
+                  cos.size(1) == t_len && cos.size(2) == d && cos.stride(2) == 1,
+              "rope: cos and sin must be [1, T, D] of one layout with a contiguous last dim");
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor* x : {&q, &k}) {
+    const int64_t heads = x->size(1);
+    at::Tensor out = at::empty({1, t_len, heads, d}, x->options());
+    rope_rows(x->data_ptr<float>(), x->stride(2), x->stride(1), cos.data_ptr<float>(), sin.data_ptr<float>(),
+              cos.stride(1), out.data_ptr<float>(), t_len, heads, d);
+    outs.push_back(out.transpose(1, 2));
+  }
+  return outs;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rope", &rope, "rotary embedding of q and k, as transformers' apply_rotary_pos_emb computes it (float32)");
   m.def("decode_attention", &decode_attention, "batched single-query attention over contiguous K/V rows");
+  m.def("scatter_kv", &scatter_kv, "write a step's K/V rows into a pool or the contiguous rows (a byte copy)");
 }

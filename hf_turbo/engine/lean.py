@@ -1,0 +1,174 @@
+"""The engine's packed forward for stock Llama-structured decoders, without the module machinery.
+
+Calling ``model(...)`` on a transformers decoder spends a good part of a small decode step in
+Python around the ops: ``nn.Module.__call__`` for every module, the ``deprecate_kwarg`` /
+``capture_outputs`` / ``can_return_tuple`` wrappers, keyword dictionaries passed down every layer,
+the mask and attention interface lookups and the output dataclasses. For the architectures in
+``FAMILIES``, when every module is the stock class and no module carries a hook,
+:class:`LeanForward` walks the same modules and calls the same code in the same order with the
+same shapes: the embedding and rotary modules, ``F.linear`` with each projection's own weight and
+bias, the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, the "hf_turbo"
+attention, and the norms' and MLP's own ``forward``. Each op sees the inputs it sees in the stock
+forward, so the logits are bitwise the model's.
+
+The runner (``engine/runner.py``) does not take that on trust: calling the model until then, it
+runs its first small step through both forwards and compares the logits bit for bit; on any
+difference it logs a warning and calls the model itself from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_turbo.kernels import cpu_ext
+from hf_turbo.patches.attention import ATTN_NAME, turbo_attention
+
+__all__ = ["FAMILIES", "LeanForward"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture's layers differ from Llama's.
+
+    ``prefix``: its classes' name prefix in its modeling module (``LlamaAttention``, ...).
+    ``qk_norm``: an RMSNorm over each head of q and k before the transpose (Qwen3).
+    ``window``: where the attention's sliding window comes from: ``"none"`` (never passed),
+    ``"config"`` (``config.sliding_window``) or ``"module"`` (the attention's ``sliding_window``).
+    """
+
+    prefix: str
+    qk_norm: bool = False
+    window: str = "none"
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama"),
+    "mistral": Family("Mistral", window="config"),
+    "qwen2": Family("Qwen2", window="module"),
+    "qwen3": Family("Qwen3", qk_norm=True, window="module"),
+}
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module does more than its class's ``forward`` (hooks, a patched forward)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__ or hasattr(module, "_hf_hook"))
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks")
+    return any(getattr(m, name, None) for name in names)
+
+
+class LeanForward:
+    """``logits = lean(input_ids [1, T], position_ids [1, T], logits_to_keep [N], ctx)``: the stock
+    forward's ops for a packed engine forward; build with :meth:`build`."""
+
+    def __init__(self, model: nn.Module, family: Family, modeling) -> None:
+        self.model = model
+        self.family = family
+        self.apply_rope = modeling.apply_rotary_pos_emb
+
+    @classmethod
+    def why_not(cls, model: nn.Module) -> str | None:
+        """None when ``model`` qualifies; otherwise the reason, for the log."""
+        config = getattr(model, "config", None)
+        family = FAMILIES.get(getattr(config, "model_type", None))
+        if family is None:
+            return f"model_type {getattr(config, 'model_type', None)!r} is not one of {sorted(FAMILIES)}"
+        modeling = sys.modules.get(type(model).__module__)
+        p = family.prefix
+        expected = {name: getattr(modeling, p + name, None)
+                    for name in ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP", "RMSNorm",
+                                 "RotaryEmbedding")}
+        if type(model) is not expected["ForCausalLM"]:
+            return f"{type(model).__name__} is not the stock {p}ForCausalLM"
+        base = getattr(model, "model", None)
+        if type(base) is not expected["Model"]:
+            return f"model.model is a {type(base).__name__}, not the stock {p}Model"
+        if type(model.lm_head) is not nn.Linear or type(base.embed_tokens) is not nn.Embedding:
+            return "the embedding or the LM head is not a plain torch module"
+        if type(base.norm) is not expected["RMSNorm"] or type(base.rotary_emb) is not expected["RotaryEmbedding"]:
+            return "the final norm or the rotary embedding is not the stock module"
+        for i, layer in enumerate(base.layers[: config.num_hidden_layers]):
+            attn = layer.self_attn
+            if (type(layer) is not expected["DecoderLayer"] or type(attn) is not expected["Attention"]
+                    or type(layer.mlp) is not expected["MLP"]
+                    or type(layer.input_layernorm) is not expected["RMSNorm"]
+                    or type(layer.post_attention_layernorm) is not expected["RMSNorm"]):
+                return f"layer {i} has a module that is not the stock {p} class"
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            if any(type(lin) is not nn.Linear for lin in projections):
+                return f"layer {i} has a projection that is not a plain nn.Linear (adapter, quantized)"
+            if family.qk_norm and (type(attn.q_norm) is not expected["RMSNorm"]
+                                   or type(attn.k_norm) is not expected["RMSNorm"]):
+                return f"layer {i} has a q/k norm that is not the stock module"
+        hooked = next((name for name, mod in model.named_modules() if _hooked(mod)), None)
+        if hooked is not None:
+            return f"module {hooked or type(model).__name__!r} has hooks or a patched forward"
+        return None
+
+    @classmethod
+    def build(cls, model: nn.Module) -> LeanForward | None:
+        """A lean forward for ``model``, or None (logged at DEBUG with the reason) when it does not qualify."""
+        why = cls.why_not(model)
+        if why is not None:
+            logger.debug("lean forward off: %s", why)
+            return None
+        return cls(model, FAMILIES[model.config.model_type], sys.modules[type(model).__module__])
+
+    def usable(self) -> bool:
+        """Per step: the model still runs the "hf_turbo" attention and no global module hook appeared."""
+        return self.model.config._attn_implementation == ATTN_NAME and not _global_hooks()
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
+                 ctx) -> torch.Tensor:
+        """Logits [1, N, V] of the ``logits_to_keep`` positions, as ``model(...).logits`` gives them."""
+        model, family = self.model, self.family
+        base = model.model
+        config = model.config
+        cache = ctx.cache
+        hidden = base.embed_tokens(input_ids)
+        cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
+        n = input_ids.shape[1]
+        extra = {}
+        # the same multiplies and adds as apply_rotary_pos_emb, in one call instead of 16 ops per layer
+        rope_in_one_call = hidden.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ext.rope_ready()
+        if family.window == "config":
+            extra["sliding_window"] = getattr(config, "sliding_window", None)
+        for layer in base.layers[: config.num_hidden_layers]:
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.input_layernorm.forward(hidden)
+            shape = (1, n, -1, attn.head_dim)
+            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(shape)
+            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape)
+            if family.qk_norm:
+                q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
+            if rope_in_one_call:
+                q, k = cpu_ext.rope(q, k, cos, sin)
+            else:
+                q, k = self.apply_rope(q, k, cos, sin)
+            k, v = cache.update(k, v, attn.layer_idx)
+            if family.window == "module":
+                extra["sliding_window"] = attn.sliding_window
+            out, _ = turbo_attention(attn, q, k, v, None, dropout=attn.attention_dropout if attn.training else 0.0,
+                                     scaling=attn.scaling, turbo_ctx=ctx, **extra)
+            out = out.reshape(1, n, -1).contiguous()
+            hidden = residual + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+            residual = hidden
+            hidden = residual + layer.mlp.forward(layer.post_attention_layernorm.forward(hidden))
+        hidden = base.norm.forward(hidden)
+        return F.linear(hidden[:, logits_to_keep, :], model.lm_head.weight, model.lm_head.bias)

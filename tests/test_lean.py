@@ -1,0 +1,172 @@
+"""The lean forward (engine/lean.py): bitwise the model's own forward, checked before use, off where it must be."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import hf_turbo
+from hf_turbo import Engine, SamplingParams
+from hf_turbo.engine import runner as runner_mod
+from hf_turbo.engine.lean import FAMILIES, LeanForward
+from hf_turbo.testing import tiny_model
+
+PROMPTS = [[5, 9, 13, 2, 7, 7, 30], [3, 4], list(range(10, 45)), [21] * 17]
+NEW = 10
+
+
+def _stock(model) -> list[list[int]]:
+    outs = []
+    for p in PROMPTS:
+        seq = model.generate(input_ids=torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             pad_token_id=0)
+        outs.append(seq[0, len(p):].tolist())
+    return outs
+
+
+def _engine_tokens(engine: Engine) -> list[list[int]]:
+    outs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW), use_tqdm=False)
+    assert engine.pool.num_free == engine.pool.num_blocks
+    return [o.token_ids for o in outs]
+
+
+class _Counting:
+    """Wraps a LeanForward and counts the forwards it runs."""
+
+    def __init__(self, lean: LeanForward) -> None:
+        self.lean, self.calls = lean, 0
+
+    def usable(self) -> bool:
+        return self.lean.usable()
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.lean(*args)
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_lean_forward_runs_and_equals_stock(arch):
+    model = tiny_model(arch)
+    stock = _stock(model)
+    engine = Engine(model, config=hf_turbo.TurboConfig(debug_checks=True))
+    assert engine.runner.lean is not None, LeanForward.why_not(model)
+    counting = engine.runner.lean = _Counting(engine.runner.lean)
+    assert _engine_tokens(engine) == stock
+    assert engine.runner.lean_verified  # its logits matched the model's bit for bit on the first step
+    assert counting.calls >= NEW  # and it ran the decode steps after that
+
+
+def test_mixed_steps_through_lean_forward_equal_stock():
+    """Chunked prefills beside decodes (a step of several kinds) go through the lean forward too."""
+    model = tiny_model("qwen3")
+    stock = _stock(model)
+    engine = Engine(model, config=hf_turbo.TurboConfig(max_num_batched_tokens=8, max_num_seqs=3))
+    assert _engine_tokens(engine) == stock and engine.runner.lean_verified
+
+
+def test_a_lean_forward_that_differs_is_dropped(caplog):
+    """A planted difference (no rotary embedding) fails the check: a warning, the model's forward, same tokens."""
+    model = tiny_model("llama")
+    stock = _stock(model)
+    engine = Engine(model)
+    lean = engine.runner.lean
+    lean.apply_rope = lambda q, k, cos, sin: (q, k)
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.engine.runner"):
+        import hf_turbo.kernels.cpu_ext as cpu_ext
+
+        ready = cpu_ext.rope_ready
+        cpu_ext.rope_ready = lambda: False  # make the lean forward take apply_rope
+        try:
+            tokens = _engine_tokens(engine)
+        finally:
+            cpu_ext.rope_ready = ready
+    assert tokens == stock
+    assert engine.runner.lean is None and not engine.runner.lean_verified
+    assert "lean forward is off" in caplog.text and "differ" in caplog.text
+
+
+def test_a_lean_forward_that_raises_is_dropped(caplog):
+    model = tiny_model("mistral")
+    stock = _stock(model)
+    engine = Engine(model)
+
+    def broken(*args):
+        raise IndexError("planted")
+
+    engine.runner.lean.__class__ = type("Broken", (LeanForward,), {"__call__": broken})
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.engine.runner"):
+        assert _engine_tokens(engine) == stock
+    assert engine.runner.lean is None and "IndexError: planted" in caplog.text
+
+
+def test_big_steps_wait_for_a_small_one_to_check(monkeypatch):
+    """A step over LEAN_CHECK_TOKENS is not run twice: it calls the model, and the first small step checks."""
+    monkeypatch.setattr(runner_mod, "LEAN_CHECK_TOKENS", 20)
+    model = tiny_model("llama")
+    stock = _stock(model)
+    engine = Engine(model)
+    counting = engine.runner.lean = _Counting(engine.runner.lean)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)) for p in PROMPTS]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    for out in engine.step():  # the prefill of all four prompts: 61 tokens
+        tokens[out.request_id] = list(out.token_ids)
+    assert counting.calls == 0 and not engine.runner.lean_verified
+    steps = 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] = list(out.token_ids)
+        steps += 1
+        assert counting.calls == steps - 1 and engine.runner.lean_verified  # checked on the first decode step
+    assert [tokens[i] for i in ids] == stock
+
+
+@pytest.mark.parametrize("arch", ["gemma", "phi3", "gpt2"])
+def test_other_architectures_call_the_model(arch):
+    model = tiny_model(arch)
+    assert "model_type" in LeanForward.why_not(model)
+    assert Engine(model).runner.lean is None
+
+
+def test_hooks_and_replaced_modules_turn_it_off():
+    model = tiny_model("llama")
+    handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
+    assert "hooks" in LeanForward.why_not(model)
+    handle.remove()
+    assert LeanForward.why_not(model) is None
+
+    class Adapter(nn.Linear):
+        pass
+
+    old = model.model.layers[0].self_attn.v_proj
+    adapter = Adapter(old.in_features, old.out_features, bias=False)
+    model.model.layers[0].self_attn.v_proj = adapter
+    assert "nn.Linear" in LeanForward.why_not(model)
+    model.model.layers[0].self_attn.v_proj = old
+    model.model.norm.forward = lambda x: x  # an instance-level patch, as offloading hooks do
+    assert "patched forward" in LeanForward.why_not(model)
+
+
+def test_config_switch():
+    model = tiny_model("llama")
+    assert Engine(model, config=hf_turbo.TurboConfig(lean_forward=False)).runner.lean is None
+    with pytest.raises(ValueError, match="lean_forward"):
+        hf_turbo.TurboConfig(lean_forward="yes")
+
+
+def test_fixture_model_through_lean_forward():
+    """The fixture (a trained Llama) on real Python prompts: lean engine == stock, decode steps ran lean."""
+    from hf_turbo.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("fixture")
+    prompts = ["def fibonacci(n):\n", "import os\nimport sys\n\n\nclass Config:\n", "for i in range(10):\n    "]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    stock = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                            pad_token_id=tok.pad_token_id)[0, len(p):].tolist() for p in ids]
+    engine = Engine(model, tok)
+    counting = engine.runner.lean = _Counting(engine.runner.lean)
+    outs = engine.generate(ids, SamplingParams(max_new_tokens=24, min_new_tokens=24), use_tqdm=False)
+    assert [o.token_ids for o in outs] == stock
+    assert engine.runner.lean_verified and counting.calls >= 23
