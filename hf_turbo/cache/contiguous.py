@@ -6,8 +6,8 @@ itself reads, and decode on a CPU is bound by memory traffic. Here every running
 row (a *slot*) of a per-layer arena ``[slots, H_kv, capacity, D]`` that mirrors its positions
 ``[0, length)`` in the pool, head-major, so that each head's keys are one contiguous run (the CPU
 SDPA kernel streams them ~20% faster than rows strided by ``H_kv * D``). A forward appends its new
-tokens to every sequence with one ``index_copy_`` per layer and tensor, and attention reads
-``arena[slot, :, first_key:end]`` as a view.
+tokens to every sequence with one ``cpu_ext.scatter_kv`` call per layer (else one ``index_copy_`` per
+layer and tensor), and attention reads ``arena[slot, :, first_key:end]`` as a view.
 
 The pool stays the source of truth (prefix caching, copy-on-write, the Triton kernels and the
 invariants use only the pool): a mirror that is behind the pool (a request admitted on cached

@@ -3,8 +3,9 @@
 Per layer, keys and values are pools of shape [num_blocks, block_size, H_kv, D]. Which slots a
 forward writes, and which blocks each sequence reads, come from the :class:`ForwardContext` the
 engine's runner sets before the forward. ``update()`` scatters the new K/V into the pools (Triton
-on CUDA, index_copy on the CPU) and returns the new K/V unchanged; the "hf_turbo" attention then
-reads each sequence's whole context from the pools through its block table.
+on CUDA; on the CPU one ``cpu_ext.scatter_kv`` call, or index_copy) and returns the new K/V
+unchanged; the "hf_turbo" attention then reads each sequence's whole context from the pools through
+its block table.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place.
 
     ``validate=False`` (the engine's runner): the caller guarantees the shapes and dtypes, an int64
-    slot_mapping and no -1 slot, so the torch path is two ``index_copy_`` calls and nothing else.
+    slot_mapping and no -1 slot, so the CPU path is one ``cpu_ext.scatter_kv`` call where the extension is
+    loaded, else two ``index_copy_`` calls, and nothing else.
     """
     if use_triton(backend, key):
         _store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
