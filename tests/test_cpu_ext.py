@@ -193,8 +193,8 @@ def test_scatter_kv_into_pool_and_rows(ext, dtype):
 
     rows_k = torch.zeros(4, h, 10, d, dtype=dtype)
     rows_v = torch.zeros(4, h, 10, d, dtype=dtype)
-    slot, pos = torch.randint(0, 4, (n,), generator=gen), torch.randperm(10, generator=gen)[:n % 10 + 1]
-    slot, pos = slot[: len(pos)], pos
+    pos = torch.randperm(10, generator=gen)[: n % 10 + 1]  # distinct positions, so no write hides another
+    slot = torch.randint(0, 4, (len(pos),), generator=gen)
     ext.scatter_kv(k[: len(pos)], v[: len(pos)], rows_k, rows_v, slot * 10 + pos, 10)
     for i in range(len(pos)):
         assert torch.equal(rows_k[slot[i], :, pos[i]], k[i]) and torch.equal(rows_v[slot[i], :, pos[i]], v[i])

@@ -89,15 +89,17 @@ class ModelRunner:
             max_blocks = max(max_blocks, len(blocks))
         table = [req.block_ids + [0] * (max_blocks - len(req.block_ids)) for req, _ in scheduled]
         dev = self.device
-        tensors = (torch.tensor(slots, dtype=torch.int64, device=dev), torch.tensor(cu, dtype=torch.int32, device=dev),
-                   torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
-                   torch.tensor(table, dtype=torch.int32, device=dev))
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
+        lens_t = torch.tensor(ctx_lens, dtype=torch.int32, device=dev)
+        table_t = torch.tensor(table, dtype=torch.int32, device=dev)
         seqs = [req for req, _ in scheduled]
+        max_ctx = max(ctx_lens)
 
-        def context() -> ForwardContext:
+        def context() -> ForwardContext:  # a fresh one per forward: it caches per-forward plans
             return ForwardContext(
-                cache=self.cache, slot_mapping=tensors[0], cu_seqlens_q=tensors[1], context_lens=tensors[2],
-                block_tables=tensors[3], max_seqlen_q=max_q, max_context_len=max(ctx_lens), backend=self.backend,
+                cache=self.cache, slot_mapping=slot_mapping, cu_seqlens_q=cu_t, context_lens=lens_t,
+                block_tables=table_t, max_seqlen_q=max_q, max_context_len=max_ctx, backend=self.backend,
                 host_cu_seqlens_q=cu, host_context_lens=ctx_lens, seqs=seqs)
 
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
@@ -106,19 +108,22 @@ class ModelRunner:
         lean = self.lean if self.lean is not None and self.lean.usable() else None
         if lean is not None and not self.lean_verified and len(ids) > LEAN_CHECK_TOKENS:
             lean = None  # not checked yet, and this step is too big to run twice
+
+        def lean_forward(ctx: ForwardContext) -> torch.Tensor:
+            return lean(input_ids, position_ids, logits_to_keep, ctx)
+
         if lean is not None and self.lean_verified:
-            logits = self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())
-        else:
-            if lean is not None:
-                try:
-                    lean_logits = self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())
-                except Exception as exc:  # noqa: BLE001 - any failure means: not this path
-                    lean_logits = exc
-            logits = self._run(lambda ctx: self.model(
-                input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
-                **forward_cache_kwargs(self.cache), **{CTX_KWARG: ctx}).logits, context())
-            if lean is not None:
-                self._check_lean(lean_logits, logits)
+            return self._run(lean_forward, context())[0].float()
+        if lean is not None:
+            try:
+                lean_logits = self._run(lean_forward, context())
+            except Exception as exc:  # noqa: BLE001 - any failure means: not this path
+                lean_logits = exc
+        logits = self._run(lambda ctx: self.model(
+            input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
+            **forward_cache_kwargs(self.cache), **{CTX_KWARG: ctx}).logits, context())
+        if lean is not None:
+            self._check_lean(lean_logits, logits)
         return logits[0].float()
 
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
