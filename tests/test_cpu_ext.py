@@ -241,3 +241,54 @@ def test_rope_rejects_bad_input(ext):
         ext.rope(q, q, cos[:, :2], cos[:, :2])
     with pytest.raises(RuntimeError, match="even"):
         ext.rope(q[..., :7], q[..., :7], cos[..., :7], cos[..., :7])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (1, 16, 256), (1, 2048, 256), (1, 3, 7), (1, 9, 8), (1, 5, 33),
+                                   (1, 64, 704), (1, 17, 1000), (1, 2, 5120), (1, 12, 4, 64), (1, 3, 2, 128),
+                                   (1, 1, 40000)])
+def test_rms_norm_bitwise_equal_to_transformers(ext, shape, threads):
+    """One call, the same bits as LlamaRMSNorm's 7 ops: ATen's cascade sum order, no FMA contraction."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if not ext.rms_norm_ready():
+        pytest.skip("the extension's RMSNorm failed its check here (see the log)")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(sum(shape) * 10 + threads)
+        for eps in (1e-6, 1e-5):
+            norm = LlamaRMSNorm(shape[-1], eps=eps)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5 + 1)
+            for scale in (1e-3, 1.0, 1e3):
+                x = torch.randn(shape, generator=gen) * scale * torch.exp(torch.randn(shape, generator=gen))
+                with torch.no_grad():
+                    ref = norm(x)
+                got = ext.rms_norm(x, norm.weight, eps)
+                assert got.shape == ref.shape and got.is_contiguous()
+                assert torch.equal(got, ref), (eps, scale)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rms_norm_strided_input_is_still_exact(ext):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if not ext.rms_norm_ready():
+        pytest.skip("the extension's RMSNorm failed its check here (see the log)")
+    norm = LlamaRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+    base = torch.randn(1, 64, 10, 64)
+    for x in (base[:, :, 3], base.transpose(1, 3)[:, :, 2], base[..., ::2, :]):  # rows strided; last dim strided
+        with torch.no_grad():
+            assert torch.equal(ext.rms_norm(x, norm.weight, 1e-6), norm(x))
+
+
+def test_rms_norm_rejects_bad_input(ext):
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.rms_norm(x.double(), torch.ones(8, dtype=torch.double), 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight must be \[H\]"):
+        ext.rms_norm(x, torch.ones(7), 1e-6)

@@ -126,6 +126,27 @@ def test_other_architectures_call_the_model(arch):
     assert Engine(model).runner.lean is None
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_norms_in_one_call_equal_stock(arch, monkeypatch):
+    """On the CPU the lean forward's RMSNorms (and Qwen3's q/k norms) are the extension's one-call norm."""
+    from hf_turbo.kernels import cpu_ext
+
+    if not cpu_ext.available() or not cpu_ext.rms_norm_ready():
+        pytest.skip("the extension's RMSNorm is not available here")
+    calls = []
+    one_call = cpu_ext.rms_norm
+    monkeypatch.setattr(cpu_ext, "rms_norm", lambda x, w, eps: calls.append(x.shape) or one_call(x, w, eps))
+    model = tiny_model(arch)
+    stock = _stock(model)
+    engine = Engine(model, config=hf_turbo.TurboConfig(debug_checks=True))
+    assert _engine_tokens(engine) == stock and engine.runner.lean_verified
+    layers = model.config.num_hidden_layers
+    per_forward = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
+    assert len(calls) >= per_forward * NEW  # every norm of every lean forward
+    if arch == "qwen3":
+        assert any(len(shape) == 4 for shape in calls)  # the per-head q/k norms
+
+
 def test_hooks_and_replaced_modules_turn_it_off():
     model = tiny_model("llama")
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)
@@ -141,6 +162,10 @@ def test_hooks_and_replaced_modules_turn_it_off():
     model.model.layers[0].self_attn.v_proj = adapter
     assert "nn.Linear" in LeanForward.why_not(model)
     model.model.layers[0].self_attn.v_proj = old
+    old = model.model.layers[1].mlp.down_proj  # the lean forward calls the MLP's projections itself too
+    model.model.layers[1].mlp.down_proj = Adapter(old.in_features, old.out_features, bias=False)
+    assert "nn.Linear" in LeanForward.why_not(model)
+    model.model.layers[1].mlp.down_proj = old
     model.model.norm.forward = lambda x: x  # an instance-level patch, as offloading hooks do
     assert "patched forward" in LeanForward.why_not(model)
 

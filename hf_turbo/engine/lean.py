@@ -5,11 +5,17 @@ Python around the ops: ``nn.Module.__call__`` for every module, the ``deprecate_
 ``capture_outputs`` / ``can_return_tuple`` wrappers, keyword dictionaries passed down every layer,
 the mask and attention interface lookups and the output dataclasses. For the architectures in
 ``FAMILIES``, when every module is the stock class and no module carries a hook,
-:class:`LeanForward` walks the same modules and calls the same code in the same order with the
-same shapes: the embedding and rotary modules, ``F.linear`` with each projection's own weight and
+:class:`LeanForward` walks the same modules and computes the same values in the same order with the
+same shapes: the embedding and rotary modules, each projection's ``F.linear`` with its own weight and
 bias, the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, the "hf_turbo"
-attention, and the norms' and MLP's own ``forward``. Each op sees the inputs it sees in the stock
-forward, so the logits are bitwise the model's.
+attention, the norms' ``forward`` and the MLP's ``down(act(gate(x)) * up(x))``. Each op sees the
+inputs it sees in the stock forward, so the logits are bitwise the model's.
+
+On the CPU in float32 three of those come from ``cpu_ext`` in one call each, every one checked bit
+for bit against what it replaces: the rotary embedding (``cpu_ext.rope``), the RMSNorms
+(``cpu_ext.rms_norm``), and the projections on weights packed once for MKL
+(:class:`~hf_turbo.kernels.packed.PackedLinear`, used only for the token counts where the packed
+product was compared equal to ``F.linear``).
 
 The runner (``engine/runner.py``) does not take that on trust: calling the model until then, it
 runs its first small step through both forwards and compares the logits bit for bit; on any
@@ -23,10 +29,10 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hf_turbo.kernels import cpu_ext
+from hf_turbo.kernels import cpu_ext, packed
+from hf_turbo.kernels.packed import PackedLinear
 from hf_turbo.patches.attention import ATTN_NAME, turbo_attention
 
 __all__ = ["FAMILIES", "LeanForward"]
@@ -70,6 +76,16 @@ def _global_hooks() -> bool:
     return any(getattr(m, name, None) for name in names)
 
 
+def _norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return norm.forward(x)
+
+
+def _norm_in_one_call(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and norm.weight.dtype == torch.float32:
+        return cpu_ext.rms_norm(x, norm.weight, norm.variance_epsilon)
+    return norm.forward(x)
+
+
 class LeanForward:
     """``logits = lean(input_ids [1, T], position_ids [1, T], logits_to_keep [N], ctx)``: the stock
     forward's ops for a packed engine forward; build with :meth:`build`."""
@@ -78,6 +94,9 @@ class LeanForward:
         self.model = model
         self.family = family
         self.apply_rope = modeling.apply_rotary_pos_emb
+        # PackedLinear per projection, made on the first call (when the engine has built the extension)
+        self.linears: list[tuple[PackedLinear, ...]] | None = None
+        self.lm_head: PackedLinear | None = None
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str | None:
@@ -107,7 +126,9 @@ class LeanForward:
                     or type(layer.input_layernorm) is not expected["RMSNorm"]
                     or type(layer.post_attention_layernorm) is not expected["RMSNorm"]):
                 return f"layer {i} has a module that is not the stock {p} class"
-            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+            mlp = layer.mlp
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                           mlp.down_proj)
             if any(type(lin) is not nn.Linear for lin in projections):
                 return f"layer {i} has a projection that is not a plain nn.Linear (adapter, quantized)"
             if family.qk_norm and (type(attn.q_norm) is not expected["RMSNorm"]
@@ -146,17 +167,22 @@ class LeanForward:
         rope_in_one_call = hidden.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ext.rope_ready()
         if family.window == "config":
             extra["sliding_window"] = getattr(config, "sliding_window", None)
-        for layer in base.layers[: config.num_hidden_layers]:
+        if self.linears is None:
+            self._pack_linears()
+        # the RMSNorms' own ops, bitwise, in one call each
+        norm = _norm_in_one_call if hidden.dtype == torch.float32 and cpu_ext.rms_norm_ready() else _norm_forward
+        for layer, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in zip(
+                base.layers[: config.num_hidden_layers], self.linears):
             attn = layer.self_attn
             residual = hidden
-            x = layer.input_layernorm.forward(hidden)
+            x = norm(layer.input_layernorm, hidden)
             shape = (1, n, -1, attn.head_dim)
-            q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(shape)
-            k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape)
+            q = q_proj(x).view(shape)
+            k = k_proj(x).view(shape)
             if family.qk_norm:
-                q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+                q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
+            v = v_proj(x).view(shape).transpose(1, 2)
             if rope_in_one_call:
                 q, k = cpu_ext.rope(q, k, cos, sin)
             else:
@@ -167,8 +193,27 @@ class LeanForward:
             out, _ = turbo_attention(attn, q, k, v, None, dropout=attn.attention_dropout if attn.training else 0.0,
                                      scaling=attn.scaling, turbo_ctx=ctx, **extra)
             out = out.reshape(1, n, -1).contiguous()
-            hidden = residual + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+            hidden = residual + o_proj(out)
             residual = hidden
-            hidden = residual + layer.mlp.forward(layer.post_attention_layernorm.forward(hidden))
-        hidden = base.norm.forward(hidden)
-        return F.linear(hidden[:, logits_to_keep, :], model.lm_head.weight, model.lm_head.bias)
+            x = norm(layer.post_attention_layernorm, hidden)
+            # the stock MLP's forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+            hidden = residual + down_proj(layer.mlp.act_fn(gate_proj(x)) * up_proj(x))
+        hidden = norm(base.norm, hidden)
+        return self.lm_head(hidden[:, logits_to_keep, :])
+
+    def _pack_linears(self) -> None:
+        """Wrap every projection and the LM head in a :class:`PackedLinear`.
+
+        The weights are packed for MKL on a float32 CPU model whose linear weights fit
+        ``PACK_BUDGET_BYTES``, where the extension has the packed GEMM; otherwise each wrapper just
+        calls ``F.linear`` with the layer's weight and bias, as the module does.
+        """
+        model = self.model
+        layers = model.model.layers[: model.config.num_hidden_layers]
+        per_layer = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj) for layer in layers]
+        size = sum(lin.weight.numel() * lin.weight.element_size() for lins in per_layer for lin in lins)
+        size += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        pack = packed.ready() and size <= packed.PACK_BUDGET_BYTES
+        self.linears = [tuple(PackedLinear(lin, pack) for lin in lins) for lins in per_layer]
+        self.lm_head = PackedLinear(model.lm_head, pack)

@@ -14,10 +14,12 @@ It is used only where it is bitwise equal to ``scaled_dot_product_attention``:
   that cover vector tails, several 512-key blocks, and 1-40 query rows per KV head; any difference
   disables it for the process (one warning), and the engine keeps its per-sequence calls.
 
-Two small helpers ride along: :func:`scatter_kv` writes a step's K/V rows into the paged pool or the
+Small helpers ride along: :func:`scatter_kv` writes a step's K/V rows into the paged pool or the
 contiguous rows in one call (a byte copy; ``index_copy_`` costs ~10-20 us per call on a decode
 step), and :func:`rope` computes transformers' ``apply_rotary_pos_emb`` in one call instead of 16 ops
-(checked bitwise against it at load; a miss turns only the rope off).
+(checked bitwise against it at load; a miss turns only the rope off); :func:`rms_norm` does the same
+for transformers' RMSNorm (7 ops); :func:`pack_weight` and :func:`packed_linear` expose MKL's packed
+GEMM for ``hf_turbo.kernels.packed``.
 
 Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
 and the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
@@ -37,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "decode_attention", "load", "ready", "rope", "rope_ready", "scatter_kv"]
+__all__ = ["available", "decode_attention", "load", "pack_weight", "packed_gemm_ready", "packed_linear", "ready",
+           "rms_norm", "rms_norm_ready", "rope", "rope_ready", "scatter_kv"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ _lock = threading.Lock()
 _module = None
 _state = "unloaded"  # "unloaded" | "ready" | "off"
 _rope_ok = False  # the rope passed its check (load)
+_packed_ok = False  # the BLAS torch links has MKL's packed GEMM (load)
+_rms_ok = False  # the RMSNorm passed its check (load)
 
 
 def _build():
@@ -140,6 +145,31 @@ def _rope_check(module) -> str | None:
     return None
 
 
+def _rms_check(module) -> str | None:
+    """None if the extension's RMSNorm equals transformers' ``LlamaRMSNorm`` bitwise, else the first miss."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(2468)
+    threads = torch.get_num_threads()
+    try:
+        for shape, eps in [((1, 1, 256), 1e-6), ((1, 16, 256), 1e-6), ((1, 37, 200), 1e-5), ((1, 5, 7), 1e-6),
+                           ((1, 3, 4, 64), 1e-6), ((1, 2, 1000), 1e-5), ((1, 300, 33), 1e-6), ((1, 1, 5120), 1e-5)]:
+            norm = LlamaRMSNorm(shape[-1], eps=eps)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5 + 1)
+            x = torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape, generator=gen))
+            for n in sorted({1, threads}):
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    ref, got = norm(x), module.rms_norm(x, norm.weight, eps)
+                if not torch.equal(ref, got):
+                    diff = (ref - got).abs().max().item()
+                    return f"shape {tuple(shape)}, {n} threads: max abs difference {diff:.3g}"
+    finally:
+        torch.set_num_threads(threads)
+    return None
+
+
 def load():
     """The extension module, or None where it is off, failed to build, or is not bitwise equal to SDPA."""
     global _module, _state
@@ -172,6 +202,13 @@ def load():
             logger.warning("hf_turbo's CPU rotary embedding differs from transformers' in this build (%s); "
                            "using transformers' own", miss)
         _rope_ok = miss is None
+        global _packed_ok, _rms_ok
+        _packed_ok = bool(module.packed_gemm_available())
+        miss = _rms_check(module)
+        if miss is not None:
+            logger.warning("hf_turbo's CPU RMSNorm differs from transformers' in this build (%s); using "
+                           "transformers' own", miss)
+        _rms_ok = miss is None
         _module, _state = module, "ready"
         return _module
 
@@ -199,6 +236,41 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """
     out_q, out_k = _module.rope(q, k, cos, sin)
     return out_q, out_k
+
+
+def rms_norm_ready() -> bool:
+    """Whether :func:`rms_norm` may be used (the extension is ready and its RMSNorm passed the check)."""
+    return _state == "ready" and _rms_ok
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` forward, bitwise, in one call: x [..., H], weight [H], float32 CPU.
+
+    Where the single-call sum could round differently from ATen's (a strided last dim; one row of
+    32,768+ floats on several threads) it runs ATen's ops instead. Call only when :func:`rms_norm_ready`.
+    """
+    return _module.rms_norm(x, weight, eps)
+
+
+def packed_gemm_ready() -> bool:
+    """Whether :func:`pack_weight` and :func:`packed_linear` may be used (MKL's packed GEMM); never builds."""
+    return _state == "ready" and _packed_ok
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A float32 [N, K] weight packed into MKL's GEMM layout (a byte tensor) for :func:`packed_linear`."""
+    return _module.pack_weight(w)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` on ``packed = pack_weight(W)``: x [..., K] contiguous float32 -> [..., N].
+
+    The same product as ``F.linear(x, W, bias)``, but whether MKL rounds it the same way depends on the
+    shapes: compare before relying on it (``hf_turbo.kernels.packed``). Call only when
+    :func:`packed_gemm_ready`.
+    """
+    return _module.packed_linear(x, packed, out_features, in_features, bias)
 
 
 def scatter_kv(k: torch.Tensor, v: torch.Tensor, k_dst: torch.Tensor, v_dst: torch.Tensor, index: torch.Tensor,
