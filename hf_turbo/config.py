@@ -93,7 +93,7 @@ class TurboConfig:
     turns on speculative decoding (per request it still obeys ``SamplingParams.speculative``).
     ``lean_forward`` lets the engine run stock Llama, Mistral, Qwen2 and Qwen3 models through the
     same ops without transformers' module machinery (``engine/lean.py``; checked bit for bit against
-    the model's own forward on one early step); False always calls the model.
+    the model's own forward before the first step); False always calls the model.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -10,7 +10,6 @@ from torch import nn
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
-from hf_turbo.engine import runner as runner_mod
 from hf_turbo.engine.lean import FAMILIES, LeanForward
 from hf_turbo.testing import tiny_model
 
@@ -98,24 +97,27 @@ def test_a_lean_forward_that_raises_is_dropped(caplog):
     assert engine.runner.lean is None and "IndexError: planted" in caplog.text
 
 
-def test_big_steps_wait_for_a_small_one_to_check(monkeypatch):
-    """A step over LEAN_CHECK_TOKENS is not run twice: it calls the model, and the first small step checks."""
-    monkeypatch.setattr(runner_mod, "LEAN_CHECK_TOKENS", 20)
+def test_the_first_step_is_checked_on_a_scratch_cache_then_runs_lean():
+    """Even a first step that is a big prefill runs lean: the check uses two short sequences on its own cache."""
     model = tiny_model("llama")
     stock = _stock(model)
     engine = Engine(model)
     counting = engine.runner.lean = _Counting(engine.runner.lean)
+    model_calls = []
+    model_forward = engine.runner._model_forward
+    engine.runner._model_forward = lambda *a: model_calls.append(a[-1].cache) or model_forward(*a)
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)) for p in PROMPTS]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
     for out in engine.step():  # the prefill of all four prompts: 61 tokens
         tokens[out.request_id] = list(out.token_ids)
-    assert counting.calls == 0 and not engine.runner.lean_verified
+    assert engine.runner.lean_verified and counting.calls == 2  # the check's forward, then the step's
+    assert len(model_calls) == 1 and model_calls[0] is not engine.cache  # the model ran once, on the scratch
     steps = 1
     while engine.has_unfinished():
         for out in engine.step():
             tokens[out.request_id] = list(out.token_ids)
         steps += 1
-        assert counting.calls == steps - 1 and engine.runner.lean_verified  # checked on the first decode step
+    assert counting.calls == steps + 1 and len(model_calls) == 1
     assert [tokens[i] for i in ids] == stock
 
 

@@ -17,8 +17,8 @@ for bit against what it replaces: the rotary embedding (``cpu_ext.rope``), the R
 (:class:`~hf_turbo.kernels.packed.PackedLinear`, used only for the token counts where the packed
 product was compared equal to ``F.linear``).
 
-The runner (``engine/runner.py``) does not take that on trust: calling the model until then, it
-runs its first small step through both forwards and compares the logits bit for bit; on any
+The runner (``engine/runner.py``) does not take that on trust: before its first step it runs both
+forwards on two short sequences over a scratch cache and compares the logits bit for bit; on any
 difference it logs a warning and calls the model itself from then on.
 """
 

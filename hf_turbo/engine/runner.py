@@ -7,10 +7,11 @@ model's ``Cache``. Logits are computed only at the positions that are sampled (`
 as an index tensor).
 
 For stock Llama-structured models the forward goes through :class:`~hf_turbo.engine.lean.LeanForward`
-(the same ops without the module machinery). Until it has been checked, steps call the model; the
-first step of at most ``LEAN_CHECK_TOKENS`` tokens runs the lean forward and then the model's own,
-and the lean one is kept only if the logits are bitwise equal. The model's forward runs second, so
-its K/V are what the cache holds either way.
+(the same ops without the module machinery), once it has been checked: before the first step, the
+runner runs the lean forward and the model's own on a scratch cache (two short sequences made of the
+step's first prompt tokens, every position's logits) and keeps the lean one only if the logits are
+bitwise equal. The check costs two forwards of a few dozen tokens and touches no engine state, so
+even an engine whose first steps are 2,048-token prefills runs them lean.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["ModelRunner"]
 
 logger = logging.getLogger(__name__)
 
-LEAN_CHECK_TOKENS = 256  # the lean forward is checked on a step this small (a second forward costs little)
+LEAN_CHECK_TOKENS = (16, 5)  # the lengths of the two scratch sequences of the lean forward's check (at most)
 
 
 class ModelRunner:
@@ -106,34 +107,70 @@ class ModelRunner:
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         logits_to_keep = torch.tensor(keep, dtype=torch.long, device=dev)
         lean = self.lean if self.lean is not None and self.lean.usable() else None
-        if lean is not None and not self.lean_verified and len(ids) > LEAN_CHECK_TOKENS:
-            lean = None  # not checked yet, and this step is too big to run twice
-
-        def lean_forward(ctx: ForwardContext) -> torch.Tensor:
-            return lean(input_ids, position_ids, logits_to_keep, ctx)
-
-        if lean is not None and self.lean_verified:
-            return self._run(lean_forward, context())[0].float()
+        if lean is not None and not self.lean_verified:
+            self._check_lean(seqs)
+            lean = self.lean if self.lean_verified else None
         if lean is not None:
-            try:
-                lean_logits = self._run(lean_forward, context())
-            except Exception as exc:  # noqa: BLE001 - any failure means: not this path
-                lean_logits = exc
-        logits = self._run(lambda ctx: self.model(
-            input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
-            **forward_cache_kwargs(self.cache), **{CTX_KWARG: ctx}).logits, context())
-        if lean is not None:
-            self._check_lean(lean_logits, logits)
-        return logits[0].float()
+            return self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())[0].float()
+        return self._run(lambda ctx: self._model_forward(input_ids, position_ids, logits_to_keep, ctx),
+                         context())[0].float()
+
+    def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
+                       ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
+                          **forward_cache_kwargs(ctx.cache), **{CTX_KWARG: ctx}).logits
 
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
-        self.cache.ctx = ctx
+        ctx.cache.ctx = ctx
         try:
             return forward(ctx)
         finally:
-            self.cache.ctx = None
+            ctx.cache.ctx = None
 
-    def _check_lean(self, lean_logits, logits: torch.Tensor) -> None:
+    def _check_lean(self, seqs: list[Request]) -> None:
+        """Compare the lean forward with the model's on a scratch cache; keep it only if bitwise equal.
+
+        Two sequences (the first ``LEAN_CHECK_TOKENS`` tokens of the step's first and last requests)
+        are packed into one forward, as a step packs them, and every position's logits are compared.
+        """
+        first, last = seqs[0].token_ids, seqs[-1].token_ids
+        parts = [first[:LEAN_CHECK_TOKENS[0]], last[:LEAN_CHECK_TOKENS[1]]]
+        bs, dev = self.block_size, self.device
+        ids, pos, slots, table, cu = [], [], [], [], [0]
+        next_block = 0
+        for part in parts:
+            blocks = list(range(next_block, next_block + -(-len(part) // bs)))
+            next_block += len(blocks)
+            ids += part
+            pos += range(len(part))
+            slots += [blocks[p // bs] * bs + p % bs for p in range(len(part))]
+            table.append(blocks)
+            cu.append(cu[-1] + len(part))
+        width = max(len(t) for t in table)
+        table = [t + [0] * (width - len(t)) for t in table]
+        lens = [len(p) for p in parts]
+        scratch = PagedKVCache(next_block, bs, self.cache.num_layers, self.cache.dtype, dev)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
+        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
+        keep = torch.arange(len(ids), device=dev)
+
+        def context() -> ForwardContext:
+            return ForwardContext(
+                cache=scratch, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+                context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                block_tables=torch.tensor(table, dtype=torch.int32, device=dev), max_seqlen_q=max(lens),
+                max_context_len=max(lens), backend=self.backend, host_cu_seqlens_q=cu, host_context_lens=lens)
+
+        lean = self.lean
+        try:
+            lean_logits = self._run(lambda ctx: lean(input_ids, position_ids, keep, ctx), context())
+        except Exception as exc:  # noqa: BLE001 - any failure means: not this path
+            lean_logits = exc
+        try:
+            logits = self._run(lambda ctx: self._model_forward(input_ids, position_ids, keep, ctx), context())
+        except Exception as exc:  # noqa: BLE001 - cannot check: keep calling the model
+            lean_logits, logits = exc, None
         if isinstance(lean_logits, torch.Tensor) and lean_logits.shape == logits.shape and torch.equal(lean_logits,
                                                                                                       logits):
             self.lean_verified = True
