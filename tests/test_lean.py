@@ -129,15 +129,17 @@ def test_other_architectures_call_the_model(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_norms_in_one_call_equal_stock(arch, monkeypatch):
-    """On the CPU the lean forward's RMSNorms (and Qwen3's q/k norms) are the extension's one-call norm."""
+def test_one_call_norms_and_silu_equal_stock(arch, monkeypatch):
+    """On the CPU the lean forward's RMSNorms (and Qwen3's q/k norms) and its MLP's silu(gate) * up are the
+    extension's one-call versions."""
     from hf_turbo.kernels import cpu_ext
 
-    if not cpu_ext.available() or not cpu_ext.rms_norm_ready():
-        pytest.skip("the extension's RMSNorm is not available here")
-    calls = []
-    one_call = cpu_ext.rms_norm
+    if not cpu_ext.available() or not cpu_ext.rms_norm_ready() or not cpu_ext.silu_mul_ready():
+        pytest.skip("the extension's RMSNorm or silu_mul is not available here")
+    calls, silu_calls = [], []
+    one_call, silu_mul = cpu_ext.rms_norm, cpu_ext.silu_mul
     monkeypatch.setattr(cpu_ext, "rms_norm", lambda x, w, eps: calls.append(x.shape) or one_call(x, w, eps))
+    monkeypatch.setattr(cpu_ext, "silu_mul", lambda g, u: silu_calls.append(g.shape) or silu_mul(g, u))
     model = tiny_model(arch)
     stock = _stock(model)
     engine = Engine(model, config=hf_turbo.TurboConfig(debug_checks=True))
@@ -145,6 +147,7 @@ def test_norms_in_one_call_equal_stock(arch, monkeypatch):
     layers = model.config.num_hidden_layers
     per_forward = 2 * layers + 1 + (2 * layers if arch == "qwen3" else 0)
     assert len(calls) >= per_forward * NEW  # every norm of every lean forward
+    assert len(silu_calls) >= layers * NEW  # every MLP
     if arch == "qwen3":
         assert any(len(shape) == 4 for shape in calls)  # the per-head q/k norms
 

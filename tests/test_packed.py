@@ -72,7 +72,10 @@ def test_weight_changed_in_place_or_replaced_is_repacked(ext):
     lin.weight = nn.Parameter(torch.randn(256, 256))
     with torch.inference_mode():
         assert torch.equal(wrapped(x), F.linear(x, lin.weight, lin.bias))
-    assert wrapped.hits == 3 and wrapped._weight is lin.weight
+    lin.weight.data = torch.randn(256, 256)  # new data under the same Parameter (no version bump)
+    with torch.inference_mode():
+        assert torch.equal(wrapped(x), F.linear(x, lin.weight, lin.bias))
+    assert wrapped.hits == 4 and wrapped._weight is lin.weight
 
 
 def test_a_mismatch_is_never_used(ext, monkeypatch):

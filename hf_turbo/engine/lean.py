@@ -11,9 +11,10 @@ bias, the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, th
 attention, the norms' ``forward`` and the MLP's ``down(act(gate(x)) * up(x))``. Each op sees the
 inputs it sees in the stock forward, so the logits are bitwise the model's.
 
-On the CPU in float32 three of those come from ``cpu_ext`` in one call each, every one checked bit
+On the CPU in float32 four of those come from ``cpu_ext`` in one call each, every one checked bit
 for bit against what it replaces: the rotary embedding (``cpu_ext.rope``), the RMSNorms
-(``cpu_ext.rms_norm``), and the projections on weights packed once for MKL
+(``cpu_ext.rms_norm``), the MLP's ``silu(gate) * up`` (``cpu_ext.silu_mul``, where torch's silu would
+run as one chunk), and the projections on weights packed once for MKL
 (:class:`~hf_turbo.kernels.packed.PackedLinear`, used only for the token counts where the packed
 product was compared equal to ``F.linear``).
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.activations import SiLUActivation
 
 from hf_turbo.kernels import cpu_ext, packed
 from hf_turbo.kernels.packed import PackedLinear
@@ -74,6 +76,10 @@ def _global_hooks() -> bool:
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
              "_global_backward_pre_hooks")
     return any(getattr(m, name, None) for name in names)
+
+
+_SILU = (nn.SiLU, SiLUActivation)  # act_fn modules whose forward is F.silu
+_ONE_CHUNK = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops never split between threads
 
 
 def _norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +175,9 @@ class LeanForward:
             extra["sliding_window"] = getattr(config, "sliding_window", None)
         if self.linears is None:
             self._pack_linears()
+        # silu(gate) * up in one pass where torch's silu would run as one chunk (one thread or a small tensor)
+        silu_in_one_call = hidden.device.type == "cpu" and hidden.dtype == torch.float32 and cpu_ext.silu_mul_ready()
+        one_thread = torch.get_num_threads() == 1
         # the RMSNorms' own ops, bitwise, in one call each
         norm = _norm_in_one_call if hidden.dtype == torch.float32 and cpu_ext.rms_norm_ready() else _norm_forward
         for layer, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in zip(
@@ -197,7 +206,11 @@ class LeanForward:
             residual = hidden
             x = norm(layer.post_attention_layernorm, hidden)
             # the stock MLP's forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
-            hidden = residual + down_proj(layer.mlp.act_fn(gate_proj(x)) * up_proj(x))
+            act = layer.mlp.act_fn
+            if silu_in_one_call and type(act) in _SILU and (n * gate_proj.out_features < _ONE_CHUNK or one_thread):
+                hidden = residual + down_proj(cpu_ext.silu_mul(gate_proj(x), up_proj(x)))
+            else:
+                hidden = residual + down_proj(act(gate_proj(x)) * up_proj(x))
         hidden = norm(base.norm, hidden)
         return self.lm_head(hidden[:, logits_to_keep, :])
 

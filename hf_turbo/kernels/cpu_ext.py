@@ -18,8 +18,8 @@ Small helpers ride along: :func:`scatter_kv` writes a step's K/V rows into the p
 contiguous rows in one call (a byte copy; ``index_copy_`` costs ~10-20 us per call on a decode
 step), and :func:`rope` computes transformers' ``apply_rotary_pos_emb`` in one call instead of 16 ops
 (checked bitwise against it at load; a miss turns only the rope off); :func:`rms_norm` does the same
-for transformers' RMSNorm (7 ops); :func:`pack_weight` and :func:`packed_linear` expose MKL's packed
-GEMM for ``hf_turbo.kernels.packed``.
+for transformers' RMSNorm (7 ops) and :func:`silu_mul` for the MLP's ``silu(gate) * up``;
+:func:`pack_weight` and :func:`packed_linear` expose MKL's packed GEMM for ``hf_turbo.kernels.packed``.
 
 Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
 and the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["available", "decode_attention", "load", "pack_weight", "packed_gemm_ready", "packed_linear", "ready",
-           "rms_norm", "rms_norm_ready", "rope", "rope_ready", "scatter_kv"]
+           "rms_norm", "rms_norm_ready", "rope", "rope_ready", "scatter_kv", "silu_mul", "silu_mul_ready"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ _state = "unloaded"  # "unloaded" | "ready" | "off"
 _rope_ok = False  # the rope passed its check (load)
 _packed_ok = False  # the BLAS torch links has MKL's packed GEMM (load)
 _rms_ok = False  # the RMSNorm passed its check (load)
+_silu_ok = False  # silu_mul passed its check (load)
 
 
 def _build():
@@ -170,6 +171,28 @@ def _rms_check(module) -> str | None:
     return None
 
 
+def _silu_mul_check(module) -> str | None:
+    """None if the extension's ``silu_mul`` equals ``F.silu(gate) * up`` bitwise, else the first miss."""
+    gen = torch.Generator().manual_seed(1357)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sizes = [*range(1, 70), 1000, 1007, 11264, 32767]
+        for n in sizes:
+            for scale in (0.01, 1.0, 8.0, 60.0):
+                gate = torch.randn(1, n, generator=gen) * scale
+                up = torch.randn(1, n, generator=gen)
+                if n == 1000:
+                    gate[0, :8] = torch.tensor([0.0, -0.0, 88.0, -88.0, 104.0, -104.0, 1e-30, -1e-30])
+                ref, got = F.silu(gate) * up, module.silu_mul(gate, up)
+                if not torch.equal(ref, got):
+                    diff = (ref - got).abs().max().item()
+                    return f"{n} elements at scale {scale}: max abs difference {diff:.3g}"
+    finally:
+        torch.set_num_threads(threads)
+    return None
+
+
 def load():
     """The extension module, or None where it is off, failed to build, or is not bitwise equal to SDPA."""
     global _module, _state
@@ -209,6 +232,12 @@ def load():
             logger.warning("hf_turbo's CPU RMSNorm differs from transformers' in this build (%s); using "
                            "transformers' own", miss)
         _rms_ok = miss is None
+        global _silu_ok
+        miss = _silu_mul_check(module)
+        if miss is not None:
+            logger.warning("hf_turbo's CPU silu(gate) * up differs from torch's in this build (%s); using torch's",
+                           miss)
+        _silu_ok = miss is None
         _module, _state = module, "ready"
         return _module
 
@@ -250,6 +279,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     32,768+ floats on several threads) it runs ATen's ops instead. Call only when :func:`rms_norm_ready`.
     """
     return _module.rms_norm(x, weight, eps)
+
+
+def silu_mul_ready() -> bool:
+    """Whether :func:`silu_mul` may be used (the extension is ready and it passed its check); never builds."""
+    return _state == "ready" and _silu_ok
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` in one pass, bitwise: contiguous float32 CPU tensors of one shape.
+
+    Bitwise only where torch runs the silu as one chunk: a single thread, or fewer than 32,768 elements
+    (the caller checks). Call only when :func:`silu_mul_ready`.
+    """
+    return _module.silu_mul(gate, up)
 
 
 def packed_gemm_ready() -> bool:

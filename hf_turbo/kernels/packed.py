@@ -12,8 +12,8 @@ which depends on the shapes and the token count (on this VM: equal from 11-16 to
 fixture's shapes, never for 4096 x 4096). So nothing is assumed: :class:`PackedLinear` compares the
 packed product with the layer's own ``F.linear`` on random inputs of each token count the first time
 that count comes up (once per process, weight shape and thread count), and uses it only for the counts
-that matched. Every other call, and a weight that was replaced or changed in place since it was packed
-(it is repacked then), goes through ``F.linear``.
+that matched. Every other call goes through ``F.linear``; a weight that was replaced, changed in place
+or given new data (``.data =``, as ``module.to()`` does) since it was packed is packed again first.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ class PackedLinear:
         self.packed = self.bias = None
         self._ok: dict[tuple[int, int], bool] = {}
         self._weight, self._bias = lin.weight, lin.bias
-        self._versions = (lin.weight._version, None if lin.bias is None else lin.bias._version)
+        # a version bump is an in-place change; a new data pointer is a `.data =` swap (as `module.to()` does)
+        self._versions = (lin.weight._version, None if lin.bias is None else lin.bias._version,
+                          lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr())
         tensors = [t for t in (lin.weight, lin.bias) if t is not None]
         if not ready() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
             return
@@ -76,8 +78,9 @@ class PackedLinear:
     def _changed(self) -> bool:
         lin = self.linear
         w, b = self._weight, self._bias
-        return (lin.weight is not w or lin.bias is not b or w._version != self._versions[0]
-                or (b is not None and b._version != self._versions[1]))
+        versions = self._versions
+        return (lin.weight is not w or lin.bias is not b or w._version != versions[0] or w.data_ptr() != versions[2]
+                or (b is not None and (b._version != versions[1] or b.data_ptr() != versions[3])))
 
     def _verdict(self, tokens: int, threads: int) -> bool:
         key = (self._key, tokens, threads)

@@ -11,7 +11,8 @@
 //
 // The same extension carries helpers of the engine's CPU step: scatter_kv (the K/V writes of a step as
 // one byte copy), rope (transformers' rotary embedding in one call, bitwise), rms_norm (its RMSNorm
-// in one call, bitwise) and pack_weight / packed_linear (F.linear on a weight packed once for MKL).
+// in one call, bitwise), silu_mul (the MLP's act(gate) * up, bitwise) and pack_weight / packed_linear
+// (F.linear on a weight packed once for MKL).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -570,6 +571,42 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+// F.silu(gate) * up in float32, in one pass instead of two ops and an intermediate tensor. ATen's silu
+// kernel (aten/src/ATen/native/cpu/Activation.cpp) runs at the CPU capability torch dispatches to, as
+// this extension is built: TensorIterator's vectorized loop takes 2 x Vectorized<float>::size() floats
+// per iteration as x / (1 + exp(-x)) (SLEEF's expf), and the last numel % (2 x size) elements with the
+// scalar x / (1 + std::exp(-x)), which rounds differently now and then. The same split here; checked
+// against torch at load (cpu_ext._silu_mul_check). With more than one thread ATen splits tensors of
+// >= GRAIN_SIZE elements into chunks, each with its own scalar tail; the caller uses this only where
+// there is one chunk.
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.device().is_cpu() && up.device().is_cpu() && gate.scalar_type() == at::kFloat &&
+                  up.scalar_type() == at::kFloat,
+              "silu_mul: float32 CPU tensors only");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.is_contiguous() && up.is_contiguous(),
+              "silu_mul: gate and up must be contiguous tensors of one shape");
+  at::Tensor out = at::empty_like(gate);
+  const int64_t n = gate.numel();
+  const float* g = gate.data_ptr<float>();
+  const float* u = up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  using Vec = at::vec::Vectorized<float>;
+  const Vec one(1.0f);
+  const int64_t step = 2 * Vec::size();
+  const int64_t vec_end = n - n % step;  // TensorIterator's vectorized_loop: the rest goes to the scalar op
+  int64_t i = 0;
+  for (; i < vec_end; i += Vec::size()) {
+    const Vec x = Vec::loadu(g + i);
+    ((x / (one + x.neg().exp())) * Vec::loadu(u + i)).store(o + i);
+  }
+  for (; i < n; ++i) {
+    const float x = g[i];
+    const float s = x / (1.0f + std::exp(-x));
+    o[i] = s * u[i];
+  }
+  return out;
+}
+
 // Linear layers with their weights packed once into MKL's internal layout. F.linear on the CPU calls MKL's
 // sgemm, which repacks the weight on every call; for a decode step of a few tokens that copy costs as
 // much as the multiply. Torch computes out [M, N] = x [M, K] @ W^T as the column-major product
@@ -635,6 +672,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, int64_t 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("silu_mul", &silu_mul, "F.silu(gate) * up in one pass, bitwise (float32)");
   m.def("rms_norm", &rms_norm, "transformers' LlamaRMSNorm forward in one call, bitwise (float32)");
   m.def("packed_gemm_available", &packed_gemm_available, "whether MKL's packed GEMM API is present");
   m.def("pack_weight", &pack_weight, "pack an [N, K] float32 weight for packed_linear");
