@@ -152,6 +152,30 @@ def test_one_call_norms_and_silu_equal_stock(arch, monkeypatch):
         assert any(len(shape) == 4 for shape in calls)  # the per-head q/k norms
 
 
+def test_projections_replaced_after_the_check_are_followed():
+    """A projection swapped in later is what the lean forward uses: a new nn.Linear, or an adapter module."""
+    model = tiny_model("llama")
+    # no prefix cache: its blocks would hold K/V computed with the old weights
+    engine = Engine(model, config=hf_turbo.TurboConfig().replace(enable_prefix_caching=False))
+    _engine_tokens(engine)
+    assert engine.runner.lean_verified
+
+    class Scaled(nn.Linear):  # an adapter-like subclass: its own forward
+        def forward(self, x):
+            return super().forward(x) * 1.5
+
+    attn = model.model.layers[0].self_attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        attn.q_proj = nn.Linear(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+        scaled = Scaled(attn.v_proj.in_features, attn.v_proj.out_features, bias=False)
+    with torch.no_grad():
+        scaled.weight.copy_(attn.v_proj.weight)
+    attn.v_proj = scaled
+    stock = _stock(model)
+    assert _engine_tokens(engine) == stock and engine.runner.lean is not None
+
+
 def test_hooks_and_replaced_modules_turn_it_off():
     model = tiny_model("llama")
     handle = model.model.layers[1].mlp.register_forward_hook(lambda *a: None)

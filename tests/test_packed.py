@@ -137,12 +137,12 @@ def _fixture_engine_vs_stock(budget_ok: bool, monkeypatch) -> Engine:
 
 def test_engine_decodes_on_packed_weights_and_equals_stock(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(True, monkeypatch)
-    lean = engine.runner.lean
-    hits = [p.hits for layer in lean.linears for p in layer] + [lean.lm_head.hits]
-    assert all(h > 0 for h in hits)  # every projection and the head ran 16-token decode steps packed
+    wrappers = list(engine.runner.lean.linears.values())
+    assert len(wrappers) == 4 * 7 + 1  # every projection of the 4 layers, and the head
+    assert all(w.hits > 0 for w in wrappers)  # all ran 16-token decode steps packed
 
 
 def test_over_budget_model_keeps_f_linear(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(False, monkeypatch)
-    lean = engine.runner.lean
-    assert all(p.packed is None and p.hits == 0 for layer in lean.linears for p in layer)
+    wrappers = list(engine.runner.lean.linears.values())
+    assert len(wrappers) == 4 * 7 + 1 and all(w.packed is None and w.hits == 0 for w in wrappers)

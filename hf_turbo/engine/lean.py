@@ -100,9 +100,8 @@ class LeanForward:
         self.model = model
         self.family = family
         self.apply_rope = modeling.apply_rotary_pos_emb
-        # PackedLinear per projection, made on the first call (when the engine has built the extension)
-        self.linears: list[tuple[PackedLinear, ...]] | None = None
-        self.lm_head: PackedLinear | None = None
+        self.linears: dict[nn.Module, PackedLinear | nn.Module] = {}  # per projection (_linear)
+        self._pack: bool | None = None  # whether PackedLinear packs (decided on the first call)
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str | None:
@@ -173,25 +172,25 @@ class LeanForward:
         rope_in_one_call = hidden.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ext.rope_ready()
         if family.window == "config":
             extra["sliding_window"] = getattr(config, "sliding_window", None)
-        if self.linears is None:
-            self._pack_linears()
+        if self._pack is None:  # decided on the first call, when the engine has built the extension
+            self._pack = self._packing_pays()
+        linear = self._linear
         # silu(gate) * up in one pass where torch's silu would run as one chunk (one thread or a small tensor)
         silu_in_one_call = hidden.device.type == "cpu" and hidden.dtype == torch.float32 and cpu_ext.silu_mul_ready()
         one_thread = torch.get_num_threads() == 1
         # the RMSNorms' own ops, bitwise, in one call each
         norm = _norm_in_one_call if hidden.dtype == torch.float32 and cpu_ext.rms_norm_ready() else _norm_forward
-        for layer, (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) in zip(
-                base.layers[: config.num_hidden_layers], self.linears):
-            attn = layer.self_attn
+        for layer in base.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
             residual = hidden
             x = norm(layer.input_layernorm, hidden)
             shape = (1, n, -1, attn.head_dim)
-            q = q_proj(x).view(shape)
-            k = k_proj(x).view(shape)
+            q = linear(attn.q_proj)(x).view(shape)
+            k = linear(attn.k_proj)(x).view(shape)
             if family.qk_norm:
                 q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = v_proj(x).view(shape).transpose(1, 2)
+            v = linear(attn.v_proj)(x).view(shape).transpose(1, 2)
             if rope_in_one_call:
                 q, k = cpu_ext.rope(q, k, cos, sin)
             else:
@@ -202,31 +201,29 @@ class LeanForward:
             out, _ = turbo_attention(attn, q, k, v, None, dropout=attn.attention_dropout if attn.training else 0.0,
                                      scaling=attn.scaling, turbo_ctx=ctx, **extra)
             out = out.reshape(1, n, -1).contiguous()
-            hidden = residual + o_proj(out)
+            hidden = residual + linear(attn.o_proj)(out)
             residual = hidden
             x = norm(layer.post_attention_layernorm, hidden)
             # the stock MLP's forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
-            act = layer.mlp.act_fn
-            if silu_in_one_call and type(act) in _SILU and (n * gate_proj.out_features < _ONE_CHUNK or one_thread):
-                hidden = residual + down_proj(cpu_ext.silu_mul(gate_proj(x), up_proj(x)))
+            gate, up, act = linear(mlp.gate_proj)(x), linear(mlp.up_proj)(x), mlp.act_fn
+            if silu_in_one_call and type(act) in _SILU and (gate.numel() < _ONE_CHUNK or one_thread):
+                hidden = residual + linear(mlp.down_proj)(cpu_ext.silu_mul(gate, up))
             else:
-                hidden = residual + down_proj(act(gate_proj(x)) * up_proj(x))
+                hidden = residual + linear(mlp.down_proj)(act(gate) * up)
         hidden = norm(base.norm, hidden)
-        return self.lm_head(hidden[:, logits_to_keep, :])
+        return linear(model.lm_head)(hidden[:, logits_to_keep, :])
 
-    def _pack_linears(self) -> None:
-        """Wrap every projection and the LM head in a :class:`PackedLinear`.
-
-        The weights are packed for MKL on a float32 CPU model whose linear weights fit
-        ``PACK_BUDGET_BYTES``, where the extension has the packed GEMM; otherwise each wrapper just
-        calls ``F.linear`` with the layer's weight and bias, as the module does.
-        """
+    def _packing_pays(self) -> bool:
+        """Pack the weights for MKL: a float32 CPU model whose linear weights fit ``PACK_BUDGET_BYTES``,
+        where the extension has the packed GEMM (``PackedLinear`` itself checks the dtype and device)."""
         model = self.model
-        layers = model.model.layers[: model.config.num_hidden_layers]
-        per_layer = [(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                      layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj) for layer in layers]
-        size = sum(lin.weight.numel() * lin.weight.element_size() for lins in per_layer for lin in lins)
-        size += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-        pack = packed.ready() and size <= packed.PACK_BUDGET_BYTES
-        self.linears = [tuple(PackedLinear(lin, pack) for lin in lins) for lins in per_layer]
-        self.lm_head = PackedLinear(model.lm_head, pack)
+        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+        return packed.ready() and size <= packed.PACK_BUDGET_BYTES
+
+    def _linear(self, module: nn.Module):
+        """What computes ``module(x)``: a :class:`PackedLinear` for a plain ``nn.Linear`` (made on first
+        sight, so a projection replaced after the engine was built gets its own), else the module."""
+        wrapper = self.linears.get(module)
+        if wrapper is None:
+            wrapper = self.linears[module] = PackedLinear(module, self._pack) if type(module) is nn.Linear else module
+        return wrapper
