@@ -350,10 +350,11 @@ std::vector<at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at:
 // gives AVX512 builds no kernel, so even on AVX-512 machines the sum runs ATen's AVX2 build with
 // 8-lane vectors: row_sum with 4 accumulators (ILP) over groups of four 8-float vectors, a 4-level
 // cascade, leftover vectors into accumulator 0, accumulators 1-3 added into 0, then the scalar tail and
-// the 8 lanes added one by one; rows under 8 floats take the scalar row_sum. Here two 8-lane
-// accumulators share one 16-lane register, lane by lane, which rounds the same. With more than one
-// thread ATen splits a single row of >= GRAIN_SIZE floats between threads; rms_norm_exact says false
-// there (and for a strided last dim), and rms_norm then runs ATen's ops.
+// the 8 lanes added one by one; rows under 8 floats take the scalar row_sum. Here the 8-lane
+// accumulators sit side by side in this build's wider registers, lane by lane, which rounds the same.
+// With more than one thread ATen splits a single row of >= GRAIN_SIZE floats between threads;
+// rms_norm_fast_path_exact says false there (and for a strided last dim), and rms_norm then runs
+// ATen's ops.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
