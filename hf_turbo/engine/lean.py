@@ -218,7 +218,7 @@ class LeanForward:
         where the extension has the packed GEMM (``PackedLinear`` itself checks the dtype and device)."""
         model = self.model
         size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
-        return packed.ready() and size <= packed.PACK_BUDGET_BYTES
+        return cpu_ext.packed_gemm_ready() and size <= packed.PACK_BUDGET_BYTES
 
     def _linear(self, module: nn.Module):
         """What computes ``module(x)``: a :class:`PackedLinear` for a plain ``nn.Linear`` (made on first

@@ -90,19 +90,7 @@ class ModelRunner:
             max_blocks = max(max_blocks, len(blocks))
         table = [req.block_ids + [0] * (max_blocks - len(req.block_ids)) for req, _ in scheduled]
         dev = self.device
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-        lens_t = torch.tensor(ctx_lens, dtype=torch.int32, device=dev)
-        table_t = torch.tensor(table, dtype=torch.int32, device=dev)
         seqs = [req for req, _ in scheduled]
-        max_ctx = max(ctx_lens)
-
-        def context() -> ForwardContext:  # a fresh one per forward: it caches per-forward plans
-            return ForwardContext(
-                cache=self.cache, slot_mapping=slot_mapping, cu_seqlens_q=cu_t, context_lens=lens_t,
-                block_tables=table_t, max_seqlen_q=max_q, max_context_len=max_ctx, backend=self.backend,
-                host_cu_seqlens_q=cu, host_context_lens=ctx_lens, seqs=seqs)
-
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         logits_to_keep = torch.tensor(keep, dtype=torch.long, device=dev)
@@ -110,10 +98,21 @@ class ModelRunner:
         if lean is not None and not self.lean_verified:
             self._check_lean(seqs)
             lean = self.lean if self.lean_verified else None
+        ctx = self._context(self.cache, slots, cu, ctx_lens, table, max_q, seqs)
         if lean is not None:
-            return self._run(lambda ctx: lean(input_ids, position_ids, logits_to_keep, ctx), context())[0].float()
-        return self._run(lambda ctx: self._model_forward(input_ids, position_ids, logits_to_keep, ctx),
-                         context())[0].float()
+            return self._run(lambda c: lean(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()
+        return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()
+
+    def _context(self, cache: PagedKVCache, slots: list[int], cu: list[int], lens: list[int], table: list[list[int]],
+                 max_q: int, seqs: list[Request] | None) -> ForwardContext:
+        """One forward's context (a fresh one per forward: it caches per-forward plans)."""
+        dev = self.device
+        return ForwardContext(
+            cache=cache, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=dev), max_seqlen_q=max_q,
+            max_context_len=max(lens), backend=self.backend, host_cu_seqlens_q=cu, host_context_lens=lens, seqs=seqs)
 
     def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
                        ctx: ForwardContext) -> torch.Tensor:
@@ -154,13 +153,9 @@ class ModelRunner:
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         keep = torch.arange(len(ids), device=dev)
 
+
         def context() -> ForwardContext:
-            return ForwardContext(
-                cache=scratch, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-                cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-                context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-                block_tables=torch.tensor(table, dtype=torch.int32, device=dev), max_seqlen_q=max(lens),
-                max_context_len=max(lens), backend=self.backend, host_cu_seqlens_q=cu, host_context_lens=lens)
+            return self._context(scratch, slots, cu, lens, table, max(lens), None)
 
         lean = self.lean
         try:

@@ -195,6 +195,14 @@ def _silu_mul_check(module) -> str | None:
     return None
 
 
+def _passes(check, module, what: str) -> bool:
+    """Run one helper's bitwise check; on a miss log which helper is off (the caller keeps the stock op)."""
+    miss = check(module)
+    if miss is not None:
+        logger.warning("hf_turbo's CPU %s in this build (%s); using the stock op", what, miss)
+    return miss is None
+
+
 def load():
     """The extension module, or None where it is off, failed to build, or is not bitwise equal to SDPA."""
     global _module, _state
@@ -221,25 +229,11 @@ def load():
                            "torch build (%s); using one SDPA call per sequence", miss)
             _state = "off"
             return None
-        global _rope_ok
-        miss = _rope_check(module)
-        if miss is not None:
-            logger.warning("hf_turbo's CPU rotary embedding differs from transformers' in this build (%s); "
-                           "using transformers' own", miss)
-        _rope_ok = miss is None
-        global _packed_ok, _rms_ok
+        global _rope_ok, _rms_ok, _silu_ok, _packed_ok
+        _rope_ok = _passes(_rope_check, module, "rotary embedding differs from transformers'")
+        _rms_ok = _passes(_rms_check, module, "RMSNorm differs from transformers'")
+        _silu_ok = _passes(_silu_mul_check, module, "silu(gate) * up differs from torch's")
         _packed_ok = bool(module.packed_gemm_available())
-        miss = _rms_check(module)
-        if miss is not None:
-            logger.warning("hf_turbo's CPU RMSNorm differs from transformers' in this build (%s); using "
-                           "transformers' own", miss)
-        _rms_ok = miss is None
-        global _silu_ok
-        miss = _silu_mul_check(module)
-        if miss is not None:
-            logger.warning("hf_turbo's CPU silu(gate) * up differs from torch's in this build (%s); using torch's",
-                           miss)
-        _silu_ok = miss is None
         _module, _state = module, "ready"
         return _module
 

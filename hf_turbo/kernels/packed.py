@@ -26,7 +26,7 @@ from torch import nn
 
 from hf_turbo.kernels import cpu_ext
 
-__all__ = ["MAX_TOKENS", "PACK_BUDGET_BYTES", "PackedLinear", "ready"]
+__all__ = ["MAX_TOKENS", "PACK_BUDGET_BYTES", "PackedLinear"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ PACK_BUDGET_BYTES = 256 * 2**20  # the packed copies double the weights' memory;
 _verdicts: dict[tuple, bool] = {}  # (shape key, tokens, threads) -> the packed product matched F.linear
 
 
-def ready() -> bool:
-    """Whether the CPU extension is loaded and its BLAS has the packed GEMM (never builds it)."""
-    return cpu_ext.packed_gemm_ready()
+def _stamp(t: torch.Tensor | None) -> tuple | None:
+    """What changes when a tensor is replaced (id), written in place (version) or given new data (pointer)."""
+    return None if t is None else (id(t), t._version, t.data_ptr())
 
 
 class PackedLinear:
@@ -62,12 +62,10 @@ class PackedLinear:
         lin = self.linear
         self.packed = self.bias = None
         self._ok: dict[tuple[int, int], bool] = {}
-        self._weight, self._bias = lin.weight, lin.bias
-        # a version bump is an in-place change; a new data pointer is a `.data =` swap (as `module.to()` does)
-        self._versions = (lin.weight._version, None if lin.bias is None else lin.bias._version,
-                          lin.weight.data_ptr(), None if lin.bias is None else lin.bias.data_ptr())
+        self._weight, self._bias = lin.weight, lin.bias  # held, so that their ids in the stamp stay theirs
+        self._packed_stamp = (_stamp(lin.weight), _stamp(lin.bias))
         tensors = [t for t in (lin.weight, lin.bias) if t is not None]
-        if not ready() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        if not cpu_ext.packed_gemm_ready() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
             return
         with torch.no_grad():
             self.packed = cpu_ext.pack_weight(lin.weight.detach().contiguous())
@@ -76,11 +74,8 @@ class PackedLinear:
         self._key = (self.out_features, self.in_features, lin.bias is not None, lin.weight.data_ptr() % 64)
 
     def _changed(self) -> bool:
-        lin = self.linear
-        w, b = self._weight, self._bias
-        versions = self._versions
-        return (lin.weight is not w or lin.bias is not b or w._version != versions[0] or w.data_ptr() != versions[2]
-                or (b is not None and (b._version != versions[1] or b.data_ptr() != versions[3])))
+        """The weight or bias was replaced, changed in place or given new data (``module.to()``) since packing."""
+        return (_stamp(self.linear.weight), _stamp(self.linear.bias)) != self._packed_stamp
 
     def _verdict(self, tokens: int, threads: int) -> bool:
         key = (self._key, tokens, threads)
@@ -99,7 +94,9 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` for ``x`` [1, T, in_features]."""
-        if self.packed is not None and x.dim() == 3 and x.shape[0] == 1 and 0 < x.shape[1] <= MAX_TOKENS:
+        if (self.packed is not None and x.dim() == 3 and x.shape[0] == 1 and 0 < x.shape[1] <= MAX_TOKENS
+                and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and x.data_ptr() % 64 == 0):
             if self._changed():
                 logger.debug("a packed weight changed since it was packed; repacking")
                 self._pack()
@@ -107,8 +104,7 @@ class PackedLinear:
             ok = self._ok.get((x.shape[1], threads))
             if ok is None and self.packed is not None:
                 ok = self._verdict(x.shape[1], threads)
-            if (ok and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-                    and x.data_ptr() % 64 == 0):
+            if ok:
                 self.hits += 1
                 return cpu_ext.packed_linear(x, self.packed, self.out_features, self.in_features, self.bias)
         return F.linear(x, self.linear.weight, self.linear.bias)
