@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="waiting-queue bound; requests beyond it get HTTP 429")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized by memory)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 above)")
+    parser.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client may take to send a request's headers (default 10)")
+    parser.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (default 5)")
+    parser.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send a request's body; 408 after (default 30)")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) for tokenizers without one")
     parser.add_argument("--draft-model", default=None,
@@ -54,6 +60,10 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("header_timeout", "keep_alive_timeout", "body_timeout"):
+        value = getattr(args, name)
+        if not value > 0:  # NaN too
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
 
@@ -91,16 +101,20 @@ def build_app(args: argparse.Namespace):
     engine = AsyncEngine(model, tok, config)
     name = args.served_model_name or args.model
     return create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                      chat_template=template)
+                      chat_template=template, body_timeout=args.body_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from hf_turbo.serve.transport import server_config
 
     app = build_app(args)
     if args.host not in _LOOPBACK and not args.api_key:
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"hf-turbo serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1",
           flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
+    config = server_config(app, host=args.host, port=args.port, header_timeout=args.header_timeout,
+                           keep_alive_timeout=args.keep_alive_timeout, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
     return 0
