@@ -39,8 +39,8 @@ MAX_BODY = 64 * 1024
 class LiveServer:
     """uvicorn in a background thread on a free loopback port (the app's lifespan runs the engine)."""
 
-    def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    def __init__(self, app, config=None) -> None:
+        self.server = uvicorn.Server(config or uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -60,12 +60,17 @@ class LiveServer:
         assert not self.thread.is_alive(), "uvicorn did not stop"
 
 
-@pytest.fixture(scope="module")
-def model_tok():
+def load_fixture_model():
+    """The fixture model and its tokenizer, with a chat template."""
     torch.set_num_threads(2)
     model, tok = load_model_and_tokenizer(MODEL, device="cpu")
     tok.chat_template = CHAT_TEMPLATE
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return load_fixture_model()
 
 
 @pytest.fixture(scope="module")
