@@ -3,7 +3,7 @@
 Each case sends the issue's bytes on one raw keep-alive socket, expects a 4xx whose error names the
 field (or a correct answer), and then checks that the same connection still answers. The server runs
 with the timeouts of :func:`hf_turbo.serve.transport.server_config` set short so slow clients are
-cut off quickly.
+cut off quickly. The last test maps OpenAI's penalty fields onto the sampler's, through the official client.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 from test_serve import MODEL, LiveServer, assert_no_leak, load_fixture_model, metric  # noqa: E402
 
 from hf_turbo.serve.app import create_app  # noqa: E402
+from hf_turbo.serve.rules import SAMPLER_FIELDS  # noqa: E402
 from hf_turbo.serve.transport import server_config  # noqa: E402
 
 HEADER_TIMEOUT = 1.0
@@ -350,3 +351,39 @@ def test_server_config_refuses_bad_timeouts():
                          ({"header_timeout": float("nan")}, "header_timeout")):
         with pytest.raises(ValueError, match=word):
             server_config(None, **kwargs)
+
+
+# -- OpenAI's penalty fields, mapped onto the sampler's ------------------------------------------
+@pytest.mark.skipif(not {"presence_penalty", "frequency_penalty", "logit_bias"} <= SAMPLER_FIELDS,
+                    reason="SamplingParams has no OpenAI penalties yet (the server refuses them)")
+def test_penalties_and_logit_bias_match_the_engine(live):
+    openai = pytest.importorskip("openai")
+    model, tok = live.model_tok
+    prompt = "import os\nimport sys\n"  # greedy continues with a run of newlines: penalties must break it
+    ids = tok(prompt)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
+    cases = [{}, {"frequency_penalty": 2.0}, {"presence_penalty": 1.5, "frequency_penalty": -0.5},
+             {"logit_bias": {newline: -100.0}}, {"logit_bias": {7: 100.0}, "presence_penalty": 0.5}]
+    engine = hf_turbo.Engine(model, tok, num_blocks=64)
+    expected = [engine.generate([ids], SamplingParams(max_new_tokens=8, **kw), use_tqdm=False)[0].text for kw in cases]
+    assert len(set(expected)) == len(cases)  # each setting changes the greedy text
+    assert expected[-1] == tok.decode([7] * 8)
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    for kw, text in zip(cases, expected):
+        wire = {**kw, "logit_bias": {str(t): b for t, b in kw["logit_bias"].items()}} if "logit_bias" in kw else kw
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, **wire)
+        assert r.choices[0].text == text, kw
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3,
+                                          temperature=0, logit_bias={"7": 100})
+    assert chat.choices[0].message.content == tok.decode([7] * 3)
+    conn = RawConn(live.url)
+    try:
+        for bias in (b'{"abc": 1}', b'{"-1": 1}', b'{"99999": 1}', b'{"5": 101}', b'{"5": "1"}', b'{"5": NaN}'):
+            _expect_error(conn, "/v1/completions", b'{"model": "fixture", "prompt": "x", "logit_bias": ' + bias + b"}",
+                          400, "logit_bias")
+        for name in (b"presence_penalty", b"frequency_penalty"):
+            _expect_error(conn, "/v1/completions", b'{"model": "fixture", "prompt": "x", "' + name + b'": -2.5}',
+                          400, name.decode())
+    finally:
+        conn.close()
+    assert_no_leak(live.engine)
