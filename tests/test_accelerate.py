@@ -65,27 +65,6 @@ def test_generate_matches_stock_greedy(arch):
         hf_turbo.restore(model)
 
 
-def test_right_padding_each_row_is_its_own_sequence():
-    model = tiny_model("llama")
-    prompts = _prompts(model.config.vocab_size)
-    width = max(map(len, prompts))
-    ids = torch.zeros((4, width), dtype=torch.long)
-    mask = torch.zeros((4, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        mask[i, : len(p)] = 1
-    hf_turbo.accelerate(model)
-    try:
-        fast = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                              pad_token_id=0)
-    finally:
-        hf_turbo.restore(model)
-    for i, p in enumerate(prompts):  # each row equals that prompt alone through stock generate
-        alone = model.generate(input_ids=torch.tensor([p]), max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert fast[i, width:].tolist() == alone[0, len(p):].tolist()
-    assert torch.equal(fast[:, :width], ids)
-
-
 def test_restore_is_exact():
     model = tiny_model("qwen2")
     reference = copy.deepcopy(model)
@@ -290,11 +269,13 @@ def test_bad_generate_arguments(kwargs, match):
 
 def test_bad_prompts():
     model = tiny_model("llama", max_position_embeddings=64)
+    # a row with no attended token is stock's business (it ends masked: right padding)
+    empty = dict(input_ids=torch.tensor([[4, 5], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]),
+                 max_new_tokens=3, pad_token_id=0)
+    stock = model.generate(**empty)
     hf_turbo.accelerate(model)
     try:
-        with pytest.raises(ValueError, match="row 1 is empty"):
-            model.generate(input_ids=torch.tensor([[4, 5], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]),
-                           max_new_tokens=3, pad_token_id=0)
+        assert torch.equal(model.generate(**empty), stock)
         with pytest.raises(ValueError, match="maximum length 64"):
             model.generate(input_ids=torch.ones((1, 60), dtype=torch.long), max_new_tokens=10, pad_token_id=0)
         engine = hf_turbo.get_engine(model)

@@ -43,6 +43,10 @@ class ForwardContext:
     seqs: list | None = None
     mirror_plan: object | None = None  # ContiguousKV.plan of this forward, made by its first attention call
     decode_batch: tuple | None = None  # (all single-query?, their rows, slots, lengths): for cpu_ext, made once
+    # (layer, key, value) of the latest PagedKVCache.update: attention reads the pools of the layer its K/V
+    # were written to, and only if it attends over exactly those tensors (see patches/attention.py)
+    last_write: tuple | None = None
+    seen_windows: dict | None = None  # the accelerate() probe's record: cache layer -> sliding_window attended with
 
 
 def kv_layout(config) -> tuple[int, int, int]:
@@ -115,8 +119,11 @@ class PagedKVCache(Cache):
         # [1, H_kv, T, D] -> [T, H_kv, D]
         k = key_states[0].transpose(0, 1)
         v = value_states[0].transpose(0, 1)
+        if k.stride(-1) != 1 or v.stride(-1) != 1:  # e.g. K/V sliced out of a fused projection's last dim
+            k, v = k.contiguous(), v.contiguous()
         store_kv(k, v, self.key_pools[layer_idx], self.value_pools[layer_idx], self.ctx.slot_mapping,
                  validate=False)  # the runner's slots: int64, all valid
+        self.ctx.last_write = (layer_idx, key_states, value_states)
         if self.ctx.seqs is None:  # the CPU mirror does not see this write
             self.contiguous.invalidate()
         return key_states, value_states
@@ -156,6 +163,26 @@ class PagedKVCache(Cache):
         for pool in self.key_pools + self.value_pools:
             if pool is not None:
                 pool.zero_()
+
+    def read_tokens(self, layer_idx: int, block_ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V of a sequence's first ``n`` positions in one layer: two ``[n, H_kv, D]`` copies."""
+        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        out = []
+        for pool in (self.key_pools[layer_idx], self.value_pools[layer_idx]):
+            out.append(pool.index_select(0, blocks).flatten(0, 1)[:n].clone())  # [blocks*bs, H, D] -> [n, H, D]
+        return out[0], out[1]
+
+    def write_tokens(self, layer_idx: int, block_ids: list[int], key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``[n, H_kv, D]`` K/V into a sequence's first ``n`` positions of one layer (an imported cache)."""
+        if self.key_pools[layer_idx] is None or self.key_pools[layer_idx].shape[2:] != key.shape[1:]:
+            self._allocate_layer(layer_idx, (key.shape[1], key.shape[2]))
+        n = key.shape[0]
+        pos = torch.arange(n, device=self.device)
+        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+        for pool, src in ((self.key_pools[layer_idx], key), (self.value_pools[layer_idx], value)):
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src.to(device=self.device, dtype=self.dtype))
+        self.contiguous.invalidate()
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (copy-on-write)."""

@@ -7,6 +7,7 @@ tqdm bar; ``add_request`` / ``step`` / ``abort`` drive custom loops (the async e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -134,6 +135,7 @@ class Engine:
         elif isinstance(prompt, torch.Tensor):
             ids = prompt.reshape(-1).tolist()
         else:
+        self.scheduler.on_import = self._write_imported
             ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -145,11 +147,17 @@ class Engine:
         return ids
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None, *, stop_checker=None, collect_scores: bool = False) -> str:
+                    request_id: str | None = None, *, stop_checker=None, collect_scores: bool = False,
+                    logits_hook=None, on_finish=None, kv_import=None) -> str:
         """Validate and queue one request; returns its id. ValueError on bad input.
 
         ``stop_checker(output_ids) -> bool`` adds a stop rule (finish_reason 'stop');
-        ``collect_scores`` keeps each step's raw logits and processed scores on the request.
+        ``collect_scores`` keeps each step's raw logits and processed scores on the request;
+        ``logits_hook(scores [1, V]) -> scores`` runs after the built-in processors and before the
+        warpers (generate()'s extra HF processors; such a request does not speculate);
+        ``on_finish(request)`` is called when it finishes, while its blocks still hold its K/V
+        (``read_kv``); ``kv_import`` (per layer ``(k, v)``, each ``[m, H_kv, D]``, ``m`` < prompt length)
+        gives the K/V of the first ``m`` prompt positions instead of computing them.
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -173,7 +181,8 @@ class Engine:
             raise OverflowError(f"too many waiting requests ({len(self.scheduler.waiting)})")
         seed = params.seed if params.seed is not None else random_seed()
         req = Request(request_id, ids, params, seed, () if params.ignore_eos else self.eos_ids,
-                      stop_checker=stop_checker)
+                      stop_checker=stop_checker, logits_hook=logits_hook, on_finish=on_finish,
+                      kv_import=kv_import)
         if collect_scores:
             req.scores, req.raw_logits = [], []
         self.requests[request_id] = req
@@ -193,6 +202,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+        if kv_import is not None:
+            self._check_import(kv_import, len(ids))
+        if logits_hook is not None and params.speculative:
+            params = dataclasses.replace(params, speculative=False)
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; returns outputs of requests that got tokens or finished.
@@ -304,8 +317,34 @@ class Engine:
             return "stop"
         if p.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+    def _check_import(self, kv_import, prompt_len: int) -> None:
+        num_layers = len(self.cache.key_pools)
+        if not isinstance(kv_import, (list, tuple)) or len(kv_import) != num_layers:
+            raise ValueError(f"kv_import must hold one (key, value) pair per layer ({num_layers})")
+        m = kv_import[0][0].shape[0]
+        if not 0 < m < prompt_len:
+            raise ValueError(f"kv_import covers {m} positions; it must cover 1 to {prompt_len - 1} (the prompt "
+                             "length minus the last position, whose logits are computed)")
+        for k, v in kv_import:
+            if k.dim() != 3 or k.shape != v.shape or k.shape[0] != m:
+                raise ValueError(f"kv_import entries must be [m, H_kv, D] pairs of one shape, got {tuple(k.shape)} "
+                                 f"and {tuple(v.shape)}")
+
+    def _write_imported(self, req: Request) -> None:
+        for layer, (k, v) in enumerate(req.kv_import):
+            self.cache.write_tokens(layer, req.block_ids, k, v)
+
+    def read_kv(self, req: Request, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the K/V (``[num_tokens, H_kv, D]`` copies) of a running or finishing request's first
+        positions (call from ``on_finish``, before its blocks are released)."""
+        if num_tokens > req.num_computed:
+            raise ValueError(f"request {req.request_id} has K/V for {req.num_computed} positions, not {num_tokens}")
+        return [self.cache.read_tokens(layer, req.block_ids, num_tokens) for layer in range(self.cache.num_layers)]
+
             if any(s in text for s in p.stop):
                 return "stop"
+        if status is RequestStatus.FINISHED and req.on_finish is not None:
+            req.on_finish(req)
         if n >= p.max_new_tokens:
             return "length"
         return None

@@ -77,12 +77,28 @@ class Request:
     scores: list[torch.Tensor] | None = None  # processed scores per token (HF output_scores)
     raw_logits: list[torch.Tensor] | None = None  # raw logits per token (HF output_logits)
     spec_tokens: list[int] = field(default_factory=list)  # proposals verified by this step (speculation)
+    # generate()'s extra HF processors for this row: scores [1, V] -> scores, before the warpers
+    logits_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # called with the request when it finishes, while its blocks still hold its K/V
+    on_finish: Callable[[Request], None] | None = None
+    # K/V of the first prompt positions given by the caller (per layer, [m, H_kv, D]): written into the
+    # request's blocks at admission instead of computed; such a request neither reads nor feeds the
+    # prefix cache, whose hashes stand for K/V computed from the tokens alone
+    kv_import: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    no_prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.kv_import is not None:
+            self.no_prefix_cache = True
+
+    @property
+    def num_imported(self) -> int:
+        """Prompt positions whose K/V the caller gave (0 without an imported cache)."""
+        return 0 if self.kv_import is None else self.kv_import[0][0].shape[0]
 
     @property
     def num_prompt_tokens(self) -> int:

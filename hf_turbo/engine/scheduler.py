@@ -56,6 +56,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.on_release: Callable[[Request], None] | None = None  # called when a request gives its blocks back
+        # writes a request's imported K/V into the blocks it was just given (Request.kv_import)
+        self.on_import: Callable[[Request], None] | None = None
 
     # -- queue management -----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -137,7 +139,17 @@ class Scheduler:
         producing: set[bytes] | None = None
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             req = self.waiting[0]
-            if req.num_computed == 0 and not req.block_ids and self.enable_prefix_caching:
+            imported = req.num_imported
+            if imported and req.num_computed == 0 and not req.block_ids:
+                # the caller's K/V for the first positions (a continued cache): blocks now, written below
+                if -(-imported // self.block_size) > self.pool.num_free:
+                    break
+                req.block_ids = self.pool.allocate(-(-imported // self.block_size))
+                req.num_computed = imported
+                if self.on_import is not None:
+                    self.on_import(req)
+            elif req.num_computed == 0 and not req.block_ids and self.enable_prefix_caching \
+                    and not req.no_prefix_cache:
                 hashes = req.reusable_prefix_hashes(self.block_size)
                 hit = self.pool.peek_prefix(hashes)
                 if hit < len(hashes):
@@ -174,7 +186,7 @@ class Scheduler:
         return producing
 
     def _unfinished_block_hashes(self, req: Request) -> list[bytes]:
-        if req.num_tokens - req.num_computed <= 1:  # decoding: no prefill blocks left to compute
+        if req.no_prefix_cache or req.num_tokens - req.num_computed <= 1:  # publishes nothing / decoding
             return []
         return req.full_block_hashes(self.block_size)[req.num_computed // self.block_size:]
 
@@ -183,7 +195,7 @@ class Scheduler:
         for req, n in out.scheduled:
             before = req.num_computed
             req.num_computed += n
-            if self.enable_prefix_caching:
+            if self.enable_prefix_caching and not req.no_prefix_cache:
                 first_full = before // self.block_size
                 last_full = req.num_computed // self.block_size
                 if last_full > first_full:

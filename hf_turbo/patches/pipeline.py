@@ -204,7 +204,7 @@ def _same(a, b) -> bool:
 
 def _plan(model, calls: Sequence[tuple]):
     """The resolved GenerationConfig if one engine call reproduces every chunk's stock call, else None."""
-    from hf_turbo.patches.generate import unsupported_reason
+    from hf_turbo.patches.generate import per_row_processor_reason, unsupported_reason
 
     kwargs = calls[0][2]
     for ids, _, kw in calls:
@@ -222,7 +222,7 @@ def _plan(model, calls: Sequence[tuple]):
             continue
         logger.info("hf_turbo pipeline: %r needs stock generate: running chunk by chunk", name)
         return None
-    reason = unsupported_reason(gc, {})
+    reason = unsupported_reason(gc) or per_row_processor_reason(gc)
     if reason is None and gc.max_new_tokens is None:
         reason = "max_length"  # the budget depends on each chunk's padded width
     if reason is None and gc.min_length:

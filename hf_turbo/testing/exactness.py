@@ -72,3 +72,49 @@ def stock_and_accelerated(model, **generate_kwargs):
     finally:
         hf_turbo.restore(model)
     return stock, fast
+
+
+def masked_batch(vocab: int, seed: int = 0, rows: int = 3, width: int = 11, holes: bool = True):
+    """Random ``(input_ids, attention_mask)`` [rows, width]: row 1 left-padded by 2, and with ``holes``
+    masked columns inside rows 0 and 1 (what transformers' generation tests feed generate())."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    if holes:
+        mask[0, 3] = mask[0, 6] = mask[1, 5] = 0
+    return ids, mask
+
+
+def generate_both(model, **generate_kwargs):
+    """``(stock, accelerated, fallback reasons)``: ``model.generate(**generate_kwargs)`` stock, then
+    accelerated (restored afterwards), with the fallback lines the accelerated call logged; checks that
+    the engine was left with no request and no leaked block."""
+    import logging
+
+    import hf_turbo
+
+    messages: list[str] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "falls back" in record.getMessage():
+                messages.append(record.getMessage())
+
+    stock = model.generate(**generate_kwargs)
+    hf_turbo.accelerate(model)
+    log = logging.getLogger("hf_turbo")
+    handler, level = _Catch(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        fast = model.generate(**generate_kwargs)
+        engine = hf_turbo.get_engine(model)
+        engine.check_invariants()
+        if engine.scheduler.running or engine.scheduler.waiting:
+            raise AssertionError("the engine still holds requests after generate()")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        hf_turbo.restore(model)
+    return stock, fast, messages

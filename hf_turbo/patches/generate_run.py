@@ -1,0 +1,216 @@
+"""One accelerated ``generate()`` call on the engine: HF arguments in, a stock-shaped result out.
+
+Each row of ``input_ids`` (with its ``attention_mask``: left padding and masked holes) becomes one
+engine request holding only its attended tokens, so no compute is spent on padding; the result is laid
+out exactly like stock's: the input as given, then each row's new tokens, rows that stopped early
+filled with ``pad_token_id``.
+
+transformers' own processors that the sampler does not implement natively (``bad_words_ids``,
+``remove_invalid_values``, ``no_repeat_ngram_size``, ``suppress_tokens``, ``forced_eos_token_id``, ...)
+and a user's ``logits_processor`` list run per row through the request's ``logits_hook``, in stock's
+order (after the repetition penalty and the min-length EOS suppression, before the warpers). Each
+call sees that row as stock does: ``input_ids`` [1, L] holding the padded prompt as given plus the
+row's new tokens, ``scores`` [1, V].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hf_turbo.patches import compat
+from hf_turbo.patches.generate_cache import export_cache, import_rows
+from hf_turbo.sampling import SamplingParams
+
+__all__ = ["GenerateCall", "run_on_engine", "sampling_params", "max_new_tokens", "row_prompts", "full_mask"]
+
+
+@dataclass
+class GenerateCall:
+    """What one generate() call asks, after the fallback rule has accepted it."""
+
+    input_ids: torch.Tensor  # [B, W]
+    attention_mask: torch.Tensor | None
+    gen_config: object  # the call's GenerationConfig
+    streamer: object | None = None
+    tokenizer: object | None = None
+    logits_processor: list | None = None  # the user's list (may be empty)
+    past_key_values: object | None = None  # a transformers Cache to continue from
+
+
+def eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(x) for x in value.reshape(-1).tolist()]
+    return [int(x) for x in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def full_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_id: int | None,
+              eos_ids: list[int]) -> torch.Tensor:
+    """The 2-D mask stock generate uses: the given one, else inferred from ``pad_token_id`` as stock
+    infers it (when the pad id is not an EOS id), else all ones."""
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
+                             f"shape {tuple(input_ids.shape)}")
+        return attention_mask.to(torch.long)
+    if pad_id is not None and pad_id not in eos_ids and bool((input_ids == pad_id).any()):
+        return (input_ids != pad_id).to(torch.long)
+    return torch.ones_like(input_ids, dtype=torch.long)
+
+
+def row_prompts(input_ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Each row's attended tokens; ValueError on a row with none."""
+    ids, keep = input_ids.tolist(), mask.bool().tolist()
+    rows = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, keep)]
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"input_ids row {i} is empty (its attention_mask has no 1s)")
+    return rows
+
+
+def max_new_tokens(gc, width: int) -> int:
+    """New tokens a GenerationConfig asks for after ``width`` input columns (ValueError if negative)."""
+    max_new = gc.max_new_tokens if gc.max_new_tokens is not None \
+        else (gc.max_length if gc.max_length is not None else 20) - width
+    if max_new < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+    return max_new
+
+
+def sampling_params(gc, width: int) -> SamplingParams:
+    """The engine's SamplingParams for a GenerationConfig and an input of ``width`` columns (at least one
+    new token: a call for none never reaches the engine)."""
+    max_new = max(max_new_tokens(gc, width), 1)
+    sampling = bool(gc.do_sample)
+    temperature = gc.temperature if gc.temperature is not None else 1.0
+    if sampling and (not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if sampling and temperature == 0:
+        raise ValueError("temperature must be > 0 when do_sample=True")
+    min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - width)
+    warp = {  # field: (value when sampling, value when greedy)
+        "temperature": (float(temperature), 0.0),
+        "top_k": (int(gc.top_k or 0), 0),
+        "top_p": (float(gc.top_p if gc.top_p is not None else 1.0), 1.0),
+        "min_p": (float(gc.min_p or 0.0), 0.0),
+    }
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=min(min_new, max_new),
+                          repetition_penalty=float(gc.repetition_penalty or 1.0),
+                          ignore_eos=not eos_list(gc.eos_token_id),
+                          **{k: v[0] if sampling else v[1] for k, v in warp.items()})
+
+
+class _RowProcessors:
+    """transformers processors for one row, as the request's ``logits_hook``."""
+
+    def __init__(self, processors: list, prompt_row: list[int]) -> None:
+        self.processors = processors
+        self.prompt_row = prompt_row  # the row as given, padding included: what stock's processors see
+        self.request = None  # set once the engine has the request
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([self.prompt_row + self.request.output_ids], device=scores.device)
+        for proc in self.processors:
+            scores = proc(ids, scores)
+        return scores
+
+
+def _stop_checker(gc, tokenizer):
+    if not gc.stop_strings:
+        return None
+    if tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tok)")
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    crit = StopStringCriteria(tokenizer, gc.stop_strings)
+    return lambda out_ids: bool(crit(torch.tensor([out_ids]), None)[0])
+
+
+def run_on_engine(model, engine, call: GenerateCall):
+    """Run ``call`` on ``engine``; returns what stock generate() returns for it."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    input_ids, gc = call.input_ids, call.gen_config
+    batch, width = input_ids.shape
+    eos_ids = eos_list(gc.eos_token_id)
+    pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if max_new_tokens(gc, width) == 0:
+        return input_ids.clone()
+    params = sampling_params(gc, width)
+    mask = full_mask(input_ids, call.attention_mask, gc.pad_token_id, eos_ids)
+    prompts = row_prompts(input_ids, mask)
+    processors = compat.extra_logits_processors(model, gc, input_ids, mask, call.logits_processor)
+    imports = import_rows(call.past_key_values, mask, [len(p) for p in prompts]) \
+        if call.past_key_values is not None else [None] * batch
+    want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
+    stop_checker = _stop_checker(gc, call.tokenizer)
+    rids = []
+    try:
+        for i, row in enumerate(prompts):
+            hook = _RowProcessors(processors, input_ids[i].tolist()) if processors else None
+            rid = engine.add_request(row, params, stop_checker=stop_checker, collect_scores=want_scores,
+                                     logits_hook=hook, kv_import=imports[i])
+            req = engine.requests[rid]
+            req.eos_ids = () if params.ignore_eos else tuple(eos_ids)
+            if hook is not None:
+                hook.request = req
+            rids.append(rid)
+    except Exception:
+        for rid in rids:
+            engine.abort(rid)
+        raise
+    results = _drive(engine, rids, call.streamer, input_ids)
+    longest = max(len(o.token_ids) for o in results)
+    new = torch.full((batch, longest), pad_id, dtype=input_ids.dtype)
+    for i, o in enumerate(results):
+        new[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    if not gc.return_dict_in_generate:
+        return sequences
+    out = {"sequences": sequences}
+    if want_scores:
+        out["scores"] = _stack(results, "scores", longest, input_ids.device) if gc.output_scores else None
+        out["logits"] = _stack(results, "raw_logits", longest, input_ids.device) if gc.output_logits else None
+    if gc.use_cache is not False:
+        ones = torch.ones((batch, longest), dtype=mask.dtype, device=mask.device)
+        out[compat.cache_kwarg_name()] = export_cache(model, engine, sequences, torch.cat([mask, ones], dim=1))
+    return GenerateDecoderOnlyOutput(**out)
+
+
+def _drive(engine, rids: list[str], streamer, input_ids: torch.Tensor) -> list:
+    """Step the engine until every request in ``rids`` finished; streams batch-1 tokens."""
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    outs = {}
+    pending = set(rids)
+    sent = 0  # tokens streamed (the streamer takes batch 1 only)
+    try:
+        while pending:
+            for out in engine.step():
+                if out.request_id not in pending:
+                    continue
+                if streamer is not None:  # a speculative step may bring several tokens
+                    streamer.put(torch.tensor(out.token_ids[sent:]))
+                    sent = len(out.token_ids)
+                if out.finished:
+                    outs[out.request_id] = out
+                    pending.discard(out.request_id)
+    except BaseException:
+        for rid in pending:
+            engine.abort(rid)
+        raise
+    finally:
+        if streamer is not None:
+            streamer.end()
+    return [outs[r] for r in rids]
+
+
+def _stack(results: list, attr: str, longest: int, device) -> tuple[torch.Tensor, ...]:
+    """Per step, the rows' tensors stacked ([B, V]); zeros for rows already finished."""
+    vocab = getattr(results[0], attr)[0].shape[-1]
+    return tuple(torch.stack([getattr(o, attr)[t] if t < len(getattr(o, attr)) else torch.zeros(vocab)
+                              for o in results]).to(device) for t in range(longest))
