@@ -112,7 +112,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     async def chat_completions(request: Request):
         return await server.handle(request, chat=True)
 
-    install_openapi(app)
+    install_openapi(app, model_name)
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
     return app
 
