@@ -351,6 +351,17 @@ def test_server_config_refuses_bad_timeouts():
                          ({"header_timeout": float("nan")}, "header_timeout")):
         with pytest.raises(ValueError, match=word):
             server_config(None, **kwargs)
+    from hf_turbo.cli import build_parser
+    from hf_turbo.serve.cli import build_app
+
+    args = build_parser().parse_args(["serve", "--header-timeout", "2.5", "--body-timeout", "9"])
+    assert (args.header_timeout, args.keep_alive_timeout, args.body_timeout) == (2.5, 5.0, 9.0)
+    for flag in ("--header-timeout", "--keep-alive-timeout", "--body-timeout"):
+        for value in ("0", "-1", "nan"):
+            with pytest.raises(ValueError, match=flag):
+                build_app(build_parser().parse_args(["serve", flag, value]))
+    with pytest.raises(ValueError, match="body_timeout"):
+        create_app(None, MODEL, body_timeout=0)
 
 
 # -- OpenAI's penalty fields, mapped onto the sampler's ------------------------------------------
