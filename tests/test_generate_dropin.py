@@ -159,3 +159,36 @@ def test_bad_past_key_values_falls_back(caplog):
     finally:
         hf_turbo.restore(model)
     assert any("past_key_values" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_inputs_embeds_run_on_the_engine(arch):
+    model = tiny_model(arch)
+    ids, mask = masked_batch(model.config.vocab_size, seed=8)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():  # vectors that no token has, so a run that ignored them could not match
+        embeds = model.get_input_embeddings()(ids) + 0.5 * torch.randn(*ids.shape, model.config.hidden_size,
+                                                                       generator=g)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = model.generate(input_ids=ids, **kw)
+    stock, fast, fallbacks = generate_both(model, input_ids=ids, inputs_embeds=embeds, **kw)
+    assert not fallbacks and torch.equal(stock, fast) and not torch.equal(stock, plain)
+    # embeddings alone: stock returns only the new tokens
+    stock, fast, fallbacks = generate_both(model, inputs_embeds=embeds, return_dict_in_generate=True, **kw)
+    assert not fallbacks and stock.sequences.shape[1] == 6 and torch.equal(stock.sequences, fast.sequences)
+    for s_layer, f_layer in zip(_cache(stock).layers, _cache(fast).layers):  # the prompt's K/V from its vectors
+        assert f_layer.keys.shape == s_layer.keys.shape
+        cols = mask[0].bool()
+        torch.testing.assert_close(f_layer.keys[0][:, : ids.shape[1]][:, cols],
+                                   s_layer.keys[0][:, : ids.shape[1]][:, cols], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "codegen"])
+def test_token_type_ids_run_on_the_engine(arch):
+    model = tiny_model(arch)
+    ids, mask = masked_batch(model.config.vocab_size, seed=9, holes=False)
+    types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(9))
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = model.generate(**kw)
+    stock, fast, fallbacks = generate_both(model, token_type_ids=types, **kw)
+    assert not fallbacks and torch.equal(stock, fast) and not torch.equal(stock, plain)

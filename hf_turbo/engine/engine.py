@@ -148,7 +148,7 @@ class Engine:
 
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, *, stop_checker=None, collect_scores: bool = False,
-                    logits_hook=None, on_finish=None, kv_import=None) -> str:
+                    logits_hook=None, on_finish=None, kv_import=None, model_inputs=None) -> str:
         """Validate and queue one request; returns its id. ValueError on bad input.
 
         ``stop_checker(output_ids) -> bool`` adds a stop rule (finish_reason 'stop');
@@ -157,7 +157,9 @@ class Engine:
         warpers (generate()'s extra HF processors; such a request does not speculate);
         ``on_finish(request)`` is called when it finishes, while its blocks still hold its K/V
         (``read_kv``); ``kv_import`` (per layer ``(k, v)``, each ``[m, H_kv, D]``, ``m`` < prompt length)
-        gives the K/V of the first ``m`` prompt positions instead of computing them.
+        gives the K/V of the first ``m`` prompt positions instead of computing them; ``model_inputs``
+        (``token_type_ids`` [n], ``inputs_embeds`` [n, hidden]) are per-token inputs of the first n prompt
+        tokens that the forward passes to the model (later tokens: the last type, their own embedding).
         """
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -182,7 +184,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random_seed()
         req = Request(request_id, ids, params, seed, () if params.ignore_eos else self.eos_ids,
                       stop_checker=stop_checker, logits_hook=logits_hook, on_finish=on_finish,
-                      kv_import=kv_import)
+                      kv_import=kv_import, model_inputs=model_inputs or None)
         if collect_scores:
             req.scores, req.raw_logits = [], []
         self.requests[request_id] = req
@@ -201,6 +203,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+        if kv_import is not None:
+            self._check_import(kv_import, len(ids))
+        for name, value in (model_inputs or {}).items():
+            if name not in ("token_type_ids", "inputs_embeds") or not isinstance(value, torch.Tensor) \
+                    or not 0 < value.shape[0] <= len(ids) or value.dim() != (1 if name == "token_type_ids" else 2):
+                raise ValueError(f"model_inputs[{name!r}] must be token_type_ids [n] or inputs_embeds [n, hidden] "
+                                 f"for the first n <= {len(ids)} prompt tokens")
+        if logits_hook is not None and params.speculative:
+            params = dataclasses.replace(params, speculative=False)
 
         if kv_import is not None:
             self._check_import(kv_import, len(ids))

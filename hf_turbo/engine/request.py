@@ -86,13 +86,16 @@ class Request:
     # prefix cache, whose hashes stand for K/V computed from the tokens alone
     kv_import: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     no_prefix_cache: bool = False
+    # per-token model inputs of the prompt beyond its ids (generate()'s token_type_ids [L], inputs_embeds
+    # [L, H]); such a request neither reads nor feeds the prefix cache either
+    model_inputs: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
-        if self.kv_import is not None:
+        if self.kv_import is not None or self.model_inputs:
             self.no_prefix_cache = True
 
     @property

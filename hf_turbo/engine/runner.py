@@ -94,6 +94,11 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         logits_to_keep = torch.tensor(keep, dtype=torch.long, device=dev)
+        extra = self._model_inputs(scheduled, input_ids)
+        if extra:  # generate()'s inputs_embeds / token_type_ids: the model's own forward takes them
+            ctx = self._context(self.cache, slots, cu, ctx_lens, table, max_q, seqs)
+            return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c, extra),
+                             ctx)[0].float()
         lean = self.lean if self.lean is not None and self.lean.usable() else None
         if lean is not None and not self.lean_verified:
             self._check_lean(seqs)
@@ -115,9 +120,40 @@ class ModelRunner:
             max_context_len=max(lens), backend=self.backend, host_cu_seqlens_q=cu, host_context_lens=lens, seqs=seqs)
 
     def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
-                       ctx: ForwardContext) -> torch.Tensor:
-        return self.model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
-                          **forward_cache_kwargs(ctx.cache), **{CTX_KWARG: ctx}).logits
+                       ctx: ForwardContext, extra: dict | None = None) -> torch.Tensor:
+        tokens = {"input_ids": input_ids} if not extra or "inputs_embeds" not in extra else {}
+        return self.model(**tokens, position_ids=position_ids, logits_to_keep=logits_to_keep,
+                          **forward_cache_kwargs(ctx.cache), **{CTX_KWARG: ctx}, **(extra or {})).logits
+
+    def _model_inputs(self, scheduled: list[tuple[Request, int]], input_ids: torch.Tensor) -> dict:
+        """The step's per-token model inputs from requests that carry them (``Request.model_inputs``):
+        ``token_type_ids`` [1, T] (positions past the prompt repeat its last value, as stock generate()
+        extends them) and ``inputs_embeds`` [1, T, H] (the prompt's given vectors, the embedding table's
+        rows for every other token). Empty when no request carries any."""
+        carried = [getattr(req, "model_inputs", None) or {} for req, _ in scheduled]
+        if not any(carried):
+            return {}
+        extra = {}
+        if any("token_type_ids" in m for m in carried):
+            parts = []
+            for (req, n), m in zip(scheduled, carried):
+                types = m.get("token_type_ids")
+                if types is None:
+                    raise ValueError("token_type_ids: a step cannot mix requests with and without token types")
+                at = torch.arange(req.num_computed, req.num_computed + n).clamp(max=types.shape[0] - 1)
+                parts.append(types[at])
+            extra["token_type_ids"] = torch.cat(parts)[None].to(self.device)
+        if any("inputs_embeds" in m for m in carried):
+            embeds = self.model.get_input_embeddings()(input_ids)  # [1, T, H]
+            base = 0
+            for (req, n), m in zip(scheduled, carried):
+                given = m.get("inputs_embeds")
+                k = 0 if given is None else max(0, min(n, given.shape[0] - req.num_computed))
+                if k:
+                    embeds[0, base:base + k] = given[req.num_computed:req.num_computed + k].to(embeds)
+                base += n
+            extra["inputs_embeds"] = embeds
+        return extra
 
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
         ctx.cache.ctx = ctx

@@ -7,9 +7,10 @@ greedy and sampling, every transformers logits processor that does not reorder t
 with scores, logits and the cache stock returns, ``past_key_values`` continued, ``position_ids`` equal
 to stock's own, ``logits_to_keep`` (it only trims the forward's logits, which the engine computes only
 where it samples). Everything else goes to stock ``generate()`` with one log line naming the argument:
-beam search and other decoding methods, ``output_attentions``/``output_hidden_states``,
-``inputs_embeds``, ``token_type_ids``, stopping criteria objects, and right-padded rows (stock
-predicts such a row's next token from its last, masked column, which no engine sequence has).
+beam search and other decoding methods, ``output_attentions``/``output_hidden_states``, stopping
+criteria objects, and right-padded rows (stock predicts such a row's next token from its last, masked
+column, which no engine sequence has). ``inputs_embeds`` and ``token_type_ids`` run on the engine as
+per-token model inputs of the prompt (such requests skip the prefix cache and the lean forward).
 
 ``assistant_model=draft`` and ``prompt_lookup_num_tokens=k`` run on an engine with speculative
 decoding (``hf_turbo.spec``), batched, cached on the model per (method, draft, k); the output is
@@ -46,11 +47,10 @@ _PER_ROW_CONFIG = {
 }
 # generate() keyword arguments that need stock generate() when given (not None, not an empty list)
 _UNSUPPORTED_KWARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
-                       "negative_prompt_attention_mask", "inputs_embeds", "custom_generate", "assistant_tokenizer",
-                       "token_type_ids")
+                       "negative_prompt_attention_mask", "custom_generate", "assistant_tokenizer")
 # generate() keyword arguments the engine takes itself
 _TAKEN_KWARGS = ("logits_processor", "past_key_values", "cache", "assistant_model", "logits_to_keep",
-                 "position_ids", "use_model_defaults")
+                 "position_ids", "use_model_defaults", "inputs_embeds", "token_type_ids")
 
 
 def _non_default(gen_config, table: dict) -> str | None:
@@ -104,8 +104,17 @@ def _default_positions(mask: torch.Tensor) -> torch.Tensor:
 def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) -> tuple[GenerateCall | None, str]:
     """The engine's view of a generate() call, or (None, the argument that needs stock generate())."""
     input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
-    if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+    embeds, types = kwargs.get("inputs_embeds"), kwargs.get("token_type_ids")
+    if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2):
         return None, "inputs"
+    if embeds is not None and (not isinstance(embeds, torch.Tensor) or embeds.dim() != 3
+                               or (input_ids is not None and embeds.shape[:2] != input_ids.shape)):
+        return None, "inputs_embeds"
+    if input_ids is None and embeds is None:
+        return None, "inputs"
+    width_shape = input_ids.shape if input_ids is not None else embeds.shape[:2]
+    if types is not None and (not isinstance(types, torch.Tensor) or types.shape != width_shape):
+        return None, "token_type_ids"
     reason = unsupported_reason(kwargs=kwargs)
     if reason:
         return None, reason
@@ -121,9 +130,15 @@ def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) 
     reason = unsupported_reason(gen_config)
     if reason:
         return None, reason
-    if streamer is not None and input_ids.shape[0] > 1:
+    if streamer is not None and width_shape[0] > 1:
         return None, "streamer"
-    mask = full_mask(input_ids, attention_mask, gen_config.pad_token_id, eos_list(gen_config.eos_token_id))
+    if input_ids is None and (gen_config.max_new_tokens is None or (gen_config.repetition_penalty or 1.0) != 1.0):
+        # stock counts max_length and the repetition penalty's history without the embedded prompt
+        return None, "inputs_embeds (without input_ids, it needs max_new_tokens and no repetition_penalty)"
+    call = GenerateCall(input_ids, attention_mask, gen_config, streamer, tokenizer,
+                        list(taken["logits_processor"] or []), None, embeds, types)
+    mask = full_mask(call.token_matrix(), attention_mask,
+                     gen_config.pad_token_id if input_ids is not None else None, eos_list(gen_config.eos_token_id))
     if _right_padded(mask):
         return None, "right padding"
     if _has_holes(mask) and _sliding_window(model):
@@ -132,14 +147,12 @@ def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) 
     if positions is not None and (positions.shape != mask.shape or not torch.equal(
             positions.masked_fill(mask == 0, 0).to(mask.device), _default_positions(mask))):
         return None, "position_ids"
-    cache = taken["past_key_values"] if taken["past_key_values"] is not None else taken["cache"]
+    call.past_key_values = taken["past_key_values"] if taken["past_key_values"] is not None else taken["cache"]
     engine = engine_for(gen_config, taken["assistant_model"])
-    if cache is not None:
-        reason = importable_reason(cache, engine, *input_ids.shape)
+    if call.past_key_values is not None:
+        reason = importable_reason(call.past_key_values, engine, *width_shape)
         if reason:
             return None, reason
-    call = GenerateCall(input_ids, attention_mask, gen_config, streamer, tokenizer,
-                        list(taken["logits_processor"] or []), cache)
     return (call, engine), ""
 
 

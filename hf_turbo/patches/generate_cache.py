@@ -24,8 +24,9 @@ from hf_turbo.sampling import SamplingParams
 __all__ = ["export_cache", "import_rows", "importable_reason"]
 
 
-def export_cache(model, engine, sequences: torch.Tensor, mask: torch.Tensor):
-    """A ``DynamicCache`` like stock's for ``sequences`` [B, W] under the full 2-D ``mask`` [B, W]."""
+def export_cache(model, engine, sequences: torch.Tensor, mask: torch.Tensor, row_inputs: list | None = None):
+    """A ``DynamicCache`` like stock's for ``sequences`` [B, W] under the full 2-D ``mask`` [B, W];
+    ``row_inputs[i]``: row i's per-token model inputs of its prompt (``Engine.add_request(model_inputs=)``)."""
     from transformers import DynamicCache
 
     batch, width = sequences.shape
@@ -42,8 +43,8 @@ def export_cache(model, engine, sequences: torch.Tensor, mask: torch.Tensor):
     try:
         for i in range(batch):
             if cols[i].numel():
-                rids.append(engine.add_request(sequences[i, cols[i]].tolist(), params,
-                                               on_finish=keep(i, len(cols[i]))))
+                rids.append(engine.add_request(sequences[i, cols[i]].tolist(), params, on_finish=keep(i, len(cols[i])),
+                                               model_inputs=row_inputs[i] if row_inputs else None))
         pending = set(rids)
         while pending:
             for out in engine.step():

@@ -31,13 +31,31 @@ __all__ = ["GenerateCall", "run_on_engine", "sampling_params", "max_new_tokens",
 class GenerateCall:
     """What one generate() call asks, after the fallback rule has accepted it."""
 
-    input_ids: torch.Tensor  # [B, W]
+    input_ids: torch.Tensor | None  # [B, W]; None when only inputs_embeds are given
     attention_mask: torch.Tensor | None
     gen_config: object  # the call's GenerationConfig
     streamer: object | None = None
     tokenizer: object | None = None
     logits_processor: list | None = None  # the user's list (may be empty)
     past_key_values: object | None = None  # a transformers Cache to continue from
+    inputs_embeds: torch.Tensor | None = None  # [B, W, H]: the prompt's vectors, used instead of its ids
+    token_type_ids: torch.Tensor | None = None  # [B, W]
+
+    def token_matrix(self) -> torch.Tensor:
+        """``input_ids``, or zeros standing for the prompt positions of ``inputs_embeds`` alone."""
+        if self.input_ids is not None:
+            return self.input_ids
+        return torch.zeros(self.inputs_embeds.shape[:2], dtype=torch.long, device=self.inputs_embeds.device)
+
+    def row_inputs(self, mask: torch.Tensor) -> list[dict | None]:
+        """Per row, the per-token model inputs of its attended prompt positions (``Request.model_inputs``)."""
+        out = []
+        for i in range(mask.shape[0]):
+            cols = mask[i].bool()
+            row = {name: t[i][cols] for name, t in (("inputs_embeds", self.inputs_embeds),
+                                                     ("token_type_ids", self.token_type_ids)) if t is not None}
+            out.append(row or None)
+        return out
 
 
 def eos_list(value) -> list[int]:
@@ -134,16 +152,19 @@ def run_on_engine(model, engine, call: GenerateCall):
     """Run ``call`` on ``engine``; returns what stock generate() returns for it."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-    input_ids, gc = call.input_ids, call.gen_config
+    input_ids, gc = call.token_matrix(), call.gen_config
+    given = input_ids if call.input_ids is not None else input_ids[:, :0]  # what stock calls input_ids
     batch, width = input_ids.shape
     eos_ids = eos_list(gc.eos_token_id)
     pad_id = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     if max_new_tokens(gc, width) == 0:
-        return input_ids.clone()
+        return given.clone()
     params = sampling_params(gc, width)
-    mask = full_mask(input_ids, call.attention_mask, gc.pad_token_id, eos_ids)
+    mask = full_mask(input_ids, call.attention_mask, gc.pad_token_id if call.input_ids is not None else None,
+                     eos_ids)
     prompts = row_prompts(input_ids, mask)
-    processors = compat.extra_logits_processors(model, gc, input_ids, mask, call.logits_processor)
+    row_inputs = call.row_inputs(mask)
+    processors = compat.extra_logits_processors(model, gc, given, mask, call.logits_processor)
     imports = import_rows(call.past_key_values, mask, [len(p) for p in prompts]) \
         if call.past_key_values is not None else [None] * batch
     want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
@@ -151,9 +172,9 @@ def run_on_engine(model, engine, call: GenerateCall):
     rids = []
     try:
         for i, row in enumerate(prompts):
-            hook = _RowProcessors(processors, input_ids[i].tolist()) if processors else None
+            hook = _RowProcessors(processors, given[i].tolist()) if processors else None
             rid = engine.add_request(row, params, stop_checker=stop_checker, collect_scores=want_scores,
-                                     logits_hook=hook, kv_import=imports[i])
+                                     logits_hook=hook, kv_import=imports[i], model_inputs=row_inputs[i])
             req = engine.requests[rid]
             req.eos_ids = () if params.ignore_eos else tuple(eos_ids)
             if hook is not None:
@@ -163,12 +184,13 @@ def run_on_engine(model, engine, call: GenerateCall):
         for rid in rids:
             engine.abort(rid)
         raise
-    results = _drive(engine, rids, call.streamer, input_ids)
+    results = _drive(engine, rids, call.streamer, given)
     longest = max(len(o.token_ids) for o in results)
     new = torch.full((batch, longest), pad_id, dtype=input_ids.dtype)
     for i, o in enumerate(results):
         new[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=input_ids.dtype)
-    sequences = torch.cat([input_ids, new.to(input_ids.device)], dim=1)
+    new = new.to(input_ids.device)
+    sequences = torch.cat([given, new], dim=1)
     if not gc.return_dict_in_generate:
         return sequences
     out = {"sequences": sequences}
@@ -177,7 +199,8 @@ def run_on_engine(model, engine, call: GenerateCall):
         out["logits"] = _stack(results, "raw_logits", longest, input_ids.device) if gc.output_logits else None
     if gc.use_cache is not False:
         ones = torch.ones((batch, longest), dtype=mask.dtype, device=mask.device)
-        out[compat.cache_kwarg_name()] = export_cache(model, engine, sequences, torch.cat([mask, ones], dim=1))
+        out[compat.cache_kwarg_name()] = export_cache(model, engine, torch.cat([input_ids, new], dim=1),
+                                                      torch.cat([mask, ones], dim=1), row_inputs)
     return GenerateDecoderOnlyOutput(**out)
 
 
