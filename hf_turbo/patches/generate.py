@@ -43,7 +43,7 @@ _UNSUPPORTED_CONFIG = {
 _PER_ROW_CONFIG = {
     "no_repeat_ngram_size": 0, "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
     "suppress_tokens": None, "begin_suppress_tokens": None, "exponential_decay_length_penalty": None,
-    "remove_invalid_values": False,
+    "remove_invalid_values": False, "encoder_no_repeat_ngram_size": 0,
 }
 # generate() keyword arguments that need stock generate() when given (not None, not an empty list)
 _UNSUPPORTED_KWARGS = ("stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "negative_prompt_ids",
@@ -136,7 +136,8 @@ def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) 
         # stock counts max_length and the repetition penalty's history without the embedded prompt
         return None, "inputs_embeds (without input_ids, it needs max_new_tokens and no repetition_penalty)"
     call = GenerateCall(input_ids, attention_mask, gen_config, streamer, tokenizer,
-                        list(taken["logits_processor"] or []), None, embeds, types)
+                        list(taken["logits_processor"] or []), None, embeds, types,
+                        per_row_processors=per_row_processor_reason(gen_config) is not None)
     mask = full_mask(call.token_matrix(), attention_mask,
                      gen_config.pad_token_id if input_ids is not None else None, eos_list(gen_config.eos_token_id))
     if _right_padded(mask):

@@ -40,6 +40,7 @@ class GenerateCall:
     past_key_values: object | None = None  # a transformers Cache to continue from
     inputs_embeds: torch.Tensor | None = None  # [B, W, H]: the prompt's vectors, used instead of its ids
     token_type_ids: torch.Tensor | None = None  # [B, W]
+    per_row_processors: bool = False  # the config asks for transformers processors the sampler lacks
 
     def token_matrix(self) -> torch.Tensor:
         """``input_ids``, or zeros standing for the prompt positions of ``inputs_embeds`` alone."""
@@ -164,7 +165,8 @@ def run_on_engine(model, engine, call: GenerateCall):
                      eos_ids)
     prompts = row_prompts(input_ids, mask)
     row_inputs = call.row_inputs(mask)
-    processors = compat.extra_logits_processors(model, gc, given, mask, call.logits_processor)
+    processors = compat.extra_logits_processors(model, gc, given, mask, call.logits_processor) \
+        if call.logits_processor or call.per_row_processors else []
     imports = import_rows(call.past_key_values, mask, [len(p) for p in prompts]) \
         if call.past_key_values is not None else [None] * batch
     want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
