@@ -23,7 +23,7 @@ from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
 from hf_turbo.kernels import cpu_ext
-from hf_turbo.sampling import RowState, SamplingParams, random_seed, sample
+from hf_turbo.sampling import RowState, SampleResult, SamplingParams, random_seed, sample, validate_vocab
 from hf_turbo.spec.decoder import SpecDecoder
 from hf_turbo.spec.proposers import validate_draft
 
@@ -75,6 +75,27 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
+def _logprob_entries(logits: torch.Tensor, asks: list[tuple[int, int]],
+                     tokens: list[int]) -> dict[int, dict[int, float]]:
+    """Per asking row ``(row, n)``: the sampled token's log-probability and the ``n`` most likely tokens', from
+    the raw logits; all rows' figures reach the host in one copy."""
+    if not asks:
+        return {}
+    idx = torch.tensor([r for r, _ in asks], device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor([[tokens[r]] for r, _ in asks], device=logits.device))
+    width = max(n for _, n in asks)
+    top = torch.topk(logp, min(width, logp.shape[-1]), dim=-1) if width else None
+    parts = [chosen.double()] + ([top.values.double(), top.indices.double()] if top is not None else [])
+    host = torch.cat(parts, dim=1).tolist()  # indices < 2**53: exact in float64
+    out = {}
+    for (row, n), vals in zip(asks, host):
+        entry = {tokens[row]: vals[0]}
+        entry.update(zip((int(t) for t in vals[1 + width:1 + width + n]), vals[1:1 + n]))
+        out[row] = entry
+    return out
+
+
 class Engine:
     """Continuous-batching engine over a stock transformers causal LM.
 
@@ -114,6 +135,7 @@ class Engine:
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
         self.scheduler.on_release = self.cache.contiguous.drop
+        self.scheduler.on_import = self._write_imported
         self.runner = ModelRunner(model, self.cache, config.backend, lean=config.lean_forward)
         if self.device.type == "cpu":
             cpu_ext.available()  # build (once per machine) and check the C++ CPU helpers now, untimed
@@ -135,7 +157,6 @@ class Engine:
         elif isinstance(prompt, torch.Tensor):
             ids = prompt.reshape(-1).tolist()
         else:
-        self.scheduler.on_import = self._write_imported
             ids = list(prompt)
         if not ids:
             raise ValueError("prompt is empty: it must hold at least one token")
@@ -171,6 +192,7 @@ class Engine:
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self._encode(prompt)
+        validate_vocab(params, self.vocab_size)
         total = len(ids) + params.max_new_tokens
         if self.max_model_len is not None and total > self.max_model_len:
             raise ValueError(f"prompt length {len(ids)} + max_new_tokens {params.max_new_tokens} = {total} "
@@ -181,6 +203,15 @@ class Engine:
                              f"blocks but the pool has {self.pool.num_blocks}")
         if self.config.max_waiting is not None and len(self.scheduler.waiting) >= self.config.max_waiting:
             raise OverflowError(f"too many waiting requests ({len(self.scheduler.waiting)})")
+        if kv_import is not None:
+            self._check_import(kv_import, len(ids))
+        for name, value in (model_inputs or {}).items():
+            if name not in ("token_type_ids", "inputs_embeds") or not isinstance(value, torch.Tensor) \
+                    or not 0 < value.shape[0] <= len(ids) or value.dim() != (1 if name == "token_type_ids" else 2):
+                raise ValueError(f"model_inputs[{name!r}] must be token_type_ids [n] or inputs_embeds [n, hidden] "
+                                 f"for the first n <= {len(ids)} prompt tokens")
+        if logits_hook is not None and params.speculative:
+            params = dataclasses.replace(params, speculative=False)
         seed = params.seed if params.seed is not None else random_seed()
         req = Request(request_id, ids, params, seed, () if params.ignore_eos else self.eos_ids,
                       stop_checker=stop_checker, logits_hook=logits_hook, on_finish=on_finish,
@@ -203,20 +234,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
-        if kv_import is not None:
-            self._check_import(kv_import, len(ids))
-        for name, value in (model_inputs or {}).items():
-            if name not in ("token_type_ids", "inputs_embeds") or not isinstance(value, torch.Tensor) \
-                    or not 0 < value.shape[0] <= len(ids) or value.dim() != (1 if name == "token_type_ids" else 2):
-                raise ValueError(f"model_inputs[{name!r}] must be token_type_ids [n] or inputs_embeds [n, hidden] "
-                                 f"for the first n <= {len(ids)} prompt tokens")
-        if logits_hook is not None and params.speculative:
-            params = dataclasses.replace(params, speculative=False)
 
-        if kv_import is not None:
-            self._check_import(kv_import, len(ids))
-        if logits_hook is not None and params.speculative:
-            params = dataclasses.replace(params, speculative=False)
     # -- stepping -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; returns outputs of requests that got tokens or finished.
@@ -252,13 +270,16 @@ class Engine:
             return self._after_step([])
         # the target's choice at every row: position p + j of a request sees its proposals before j
         states = [RowState(req.params, req.num_output_tokens + j, req.seed,
-                           req.token_ids + req.spec_tokens[:j] if req.params.needs_history else None, req.eos_ids)
+                           req.token_ids + req.spec_tokens[:j] if req.params.needs_history else None, req.eos_ids,
+                           getattr(req, "logits_hook", None))
                   for i, req in sampled for j in range(len(rows[i]))]
-        tokens, scores = sample(logits, states, return_scores=True)
-        tokens = tokens.tolist()
+        scores = sample(logits, states, return_scores=True)
+        tokens = scores.tokens.tolist()
         if self.spec is not None:
             self.spec.observe_step(sched.num_tokens, time.perf_counter() - start)
-        logp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for _, r in sampled) else None
+        row_reqs = [req for i, req in sampled for _ in rows[i]]
+        logp = _logprob_entries(logits, [(r, req.params.logprobs) for r, req in enumerate(row_reqs)
+                                         if req.params.logprobs is not None], tokens)
         now = time.perf_counter()
         row = 0
         for i, req in sampled:
@@ -281,8 +302,8 @@ class Engine:
             outputs.append(req.to_output(self._detok(req) if req.finish_reason else None))
         return self._after_step(outputs)
 
-    def _append(self, req: Request, tokens: list[int], row: int, logits: torch.Tensor, scores: torch.Tensor,
-                logp: torch.Tensor | None, now: float) -> int:
+    def _append(self, req: Request, tokens: list[int], row: int, logits: torch.Tensor, scores: SampleResult,
+                logp: dict[int, dict[int, float]], now: float) -> int:
         """Append ``tokens`` (``logits`` rows from ``row`` on) one by one, stopping at the first finish;
         returns how many were appended."""
         for j, tok in enumerate(tokens):
@@ -290,16 +311,12 @@ class Engine:
             req.token_ids.append(tok)
             self.num_generated_tokens += 1
             if req.scores is not None:
-                req.scores.append(scores[r].clone())
+                req.scores.append(scores.scores(r).clone())
                 req.raw_logits.append(logits[r].clone())
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.params.logprobs is not None:
-                top = torch.topk(logp[r], req.params.logprobs) if req.params.logprobs else None
-                entry = {tok: float(logp[r, tok])}
-                if top is not None:
-                    entry.update(zip(top.indices.tolist(), top.values.tolist()))
-                req.logprobs.append(entry)
+                req.logprobs.append(logp[r])
             reason = self._check_finish(req, tok)
             if reason is not None:
                 req.finish_reason = reason
@@ -307,27 +324,6 @@ class Engine:
                 return j + 1
         return len(tokens)
 
-    def _forget(self, req: Request, status: RequestStatus) -> None:
-        """Drop a finished or failed request: its blocks, its id, its speculation state."""
-        self.requests.pop(req.request_id, None)
-        self.scheduler.finish(req, status)
-        if self.spec is not None:
-            self.spec.release(req)
-
-    def _after_step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        if self.config.debug_checks:
-            self.check_invariants()
-        return outputs
-
-    def _check_finish(self, req: Request, tok: int) -> str | None:
-        p = req.params
-        n = req.num_output_tokens
-        if n >= p.min_new_tokens and (tok in req.eos_ids or tok in p.stop_token_ids):
-            return "stop"
-        if req.stop_checker is not None and req.stop_checker(req.output_ids):
-            return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
     def _check_import(self, kv_import, prompt_len: int) -> None:
         num_layers = len(self.cache.key_pools)
         if not isinstance(kv_import, (list, tuple)) or len(kv_import) != num_layers:
@@ -352,10 +348,31 @@ class Engine:
             raise ValueError(f"request {req.request_id} has K/V for {req.num_computed} positions, not {num_tokens}")
         return [self.cache.read_tokens(layer, req.block_ids, num_tokens) for layer in range(self.cache.num_layers)]
 
-            if any(s in text for s in p.stop):
-                return "stop"
+    def _forget(self, req: Request, status: RequestStatus) -> None:
+        """Drop a finished or failed request: its blocks, its id, its speculation state."""
         if status is RequestStatus.FINISHED and req.on_finish is not None:
             req.on_finish(req)
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req, status)
+        if self.spec is not None:
+            self.spec.release(req)
+
+    def _after_step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        if self.config.debug_checks:
+            self.check_invariants()
+        return outputs
+
+    def _check_finish(self, req: Request, tok: int) -> str | None:
+        p = req.params
+        n = req.num_output_tokens
+        if n >= p.min_new_tokens and (tok in req.eos_ids or tok in p.stop_token_ids):
+            return "stop"
+        if req.stop_checker is not None and req.stop_checker(req.output_ids):
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+            if any(s in text for s in p.stop):
+                return "stop"
         if n >= p.max_new_tokens:
             return "length"
         return None

@@ -1,0 +1,93 @@
+"""The processors before the filters, batched over rows with different parameters.
+
+Order (transformers' where it has the processor, vLLM's for the OpenAI penalties): repetition penalty,
+presence/frequency penalties, ``logit_bias``, EOS suppression before ``min_new_tokens``, the row's
+``hook`` (generate()'s extra HF processors), then temperature. Arithmetic follows transformers'
+processors operation for operation, so greedy rows give stock ``generate()``'s argmax bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from hf_turbo.sampling.params import RowState
+from hf_turbo.sampling.workspace import scratch
+
+__all__ = ["apply_penalties", "scale_by_temperature", "div_like_scalar"]
+
+
+def div_like_scalar(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``x / d`` (``d`` float32 per row) with the arithmetic of ``x / python_float``, as transformers divides:
+    a true division on the CPU; on CUDA, a multiply by the float32 reciprocal (ATen's path for a CPU scalar)."""
+    if x.device.type == "cuda":
+        return x * torch.reciprocal(d)
+    return x / d
+
+
+def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """Every processor before temperature, in place on ``scores`` [N, V] float32; returns ``scores``."""
+    device, vocab = scores.device, scores.shape[-1]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.history]
+    if rep:
+        # transformers: gather, where(s < 0, s * p, s / p), scatter; rows padded with their own first id
+        # (a repeated id writes the same value again)
+        hist = [list(rows[i].history) for i in rep]
+        width = max(len(h) for h in hist)
+        ids = torch.tensor([h + [h[0]] * (width - len(h)) for h in hist], dtype=torch.long, device=device)
+        pen = torch.tensor([[rows[i].params.repetition_penalty] for i in rep], dtype=torch.float32, device=device)
+        idx = torch.tensor(rep, dtype=torch.long, device=device)
+        sub = scores.index_select(0, idx)
+        s = sub.gather(1, ids)
+        s = torch.where(s < 0, s * pen, div_like_scalar(s, pen))
+        scores.index_copy_(0, idx, sub.scatter(1, ids, s))
+    r_idx, t_idx, add = [], [], []
+    for i, row in enumerate(rows):
+        p = row.params
+        if (p.presence_penalty or p.frequency_penalty) and row.history and row.position > 0:
+            for tok, n in Counter(list(row.history)[-row.position:]).items():
+                r_idx.append(i)
+                t_idx.append(tok)
+                add.append(-(p.presence_penalty + p.frequency_penalty * n))
+        for tok, bias in (p.logit_bias or {}).items():
+            if tok < vocab:
+                r_idx.append(i)
+                t_idx.append(tok)
+                add.append(bias)
+    if r_idx:
+        scores.index_put_((torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)),
+                          torch.tensor(add, dtype=torch.float32, device=device), accumulate=True)
+    eos = [(i, e) for i, row in enumerate(rows) if row.position < row.params.min_new_tokens for e in row.eos_ids
+           if e < vocab]
+    if eos:
+        r, c = zip(*eos)
+        scores[list(r), list(c)] = -math.inf
+    for i, row in enumerate(rows):
+        if row.hook is not None:
+            out = row.hook(scores[i:i + 1])
+            if not isinstance(out, torch.Tensor) or out.shape != (1, vocab):
+                raise ValueError(f"logits_hook must return a [1, {vocab}] tensor, got "
+                                 f"{getattr(out, 'shape', type(out).__name__)}")
+            scores[i] = out[0]
+    return scores
+
+
+def scale_by_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``scores / temperature`` (float32 [n, 1]) as transformers' TemperatureLogitsWarper (dividing by 1.0 is
+    exact, so rows at 1.0 match a skipped warper), except where that overflows: a row whose maximum
+    divided by its temperature is not finite (temperatures down to the smallest subnormal, or 0 after a
+    flush) gets the T -> 0 limit, 0 at its maximal scores and -inf elsewhere, instead of inf - inf = NaN
+    in the softmax. The result lives in a reused scratch buffer (valid until the next call)."""
+    out = scratch("scaled", tuple(scores.shape), torch.float32, scores.device)
+    if scores.device.type == "cuda":
+        torch.mul(scores, torch.reciprocal(temperature), out=out)
+    else:
+        torch.div(scores, temperature, out=out)
+    top = scores.amax(dim=-1, keepdim=True)
+    bad = ~torch.isfinite(div_like_scalar(top, temperature)) & torch.isfinite(top)
+    if scores.device.type != "cpu" or bool(bad.any()):
+        out.copy_(torch.where(bad, torch.where(scores == top, 0.0, -math.inf), out))
+    return out
