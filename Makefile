@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install --quiet "torch==2.13.0"; \
 	fi
 	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev]"
+	@# the CPU extension is compiled here, once, rather than inside the first process that needs it
+	-$(PY) -c 'from hf_turbo.kernels import cpu_ext; cpu_ext.build_ahead()'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -149,31 +149,6 @@ def test_env_turns_it_off(monkeypatch):
     assert not cpu_ext.available()
 
 
-@pytest.mark.parametrize("age_s,removed", [(3600, True), (5, False)])
-def test_build_clears_only_a_stale_lock(tmp_path, monkeypatch, age_s, removed):
-    import os
-    import time
-
-    import torch.utils.cpp_extension as cpp_extension
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    seen = {}
-
-    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
-        seen.update(name=name, dir=build_directory, lock_there=os.path.exists(os.path.join(build_directory, "lock")))
-        return "module"
-
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
-    if torch.backends.cpu.get_cpu_capability() not in cpu_ext._CAPABILITY_FLAGS:
-        pytest.skip("no build flags for this CPU capability")
-    assert cpu_ext._build() == "module" and seen["dir"].startswith(str(tmp_path))  # learns the build directory
-    lock = os.path.join(seen["dir"], "lock")
-    open(lock, "w").close()
-    os.utime(lock, (time.time() - age_s, time.time() - age_s))
-    cpu_ext._build()
-    assert seen["lock_there"] is not removed
-
-
 # -- the K/V writes and the rotary embedding -------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scatter_kv_into_pool_and_rows(ext, dtype):

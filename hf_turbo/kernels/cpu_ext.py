@@ -21,9 +21,11 @@ step), and :func:`rope` computes transformers' ``apply_rotary_pos_emb`` in one c
 for transformers' RMSNorm (7 ops) and :func:`silu_mul` for the MLP's ``silu(gate) * up``;
 :func:`pack_weight` and :func:`packed_linear` expose MKL's packed GEMM for ``hf_turbo.kernels.packed``.
 
-Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once,
-and the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
-When the build fails, the same fallback applies. ``HF_TURBO_NO_CPU_EXT=1`` turns the extension off.
+Building needs a C++ compiler and ninja (``torch.utils.cpp_extension``); it takes about a minute once
+(``make install`` does it ahead of time: :func:`build_ahead`), and the result is cached
+under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by a hash of the source and
+flags, behind an OS lock that a killed build releases (``hf_turbo.kernels.ext_build``). When the build
+fails, the same fallback applies. ``HF_TURBO_NO_CPU_EXT=1`` turns the extension off.
 """
 
 from __future__ import annotations
@@ -31,17 +33,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["available", "decode_attention", "load", "pack_weight", "packed_gemm_ready", "packed_linear", "ready",
-           "rms_norm", "rms_norm_ready", "rope", "rope_ready", "scatter_kv", "silu_mul", "silu_mul_ready"]
+__all__ = ["available", "build_ahead", "decode_attention", "load", "pack_weight", "packed_gemm_ready",
+           "packed_linear", "ready", "rms_norm", "rms_norm_ready", "rope", "rope_ready", "scatter_kv", "silu_mul",
+           "silu_mul_ready"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
-
-_STALE_LOCK_S = 900  # a build takes about a minute; a lock file this old belongs to a killed build
 
 _lock = threading.Lock()
 _module = None
@@ -64,34 +63,19 @@ _silu_ok = False  # silu_mul passed its check (load)
 
 
 def _build():
-    from torch.utils.cpp_extension import load as load_extension
+    from hf_turbo.kernels.ext_build import load_cached
 
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in _CAPABILITY_FLAGS:
         raise RuntimeError(f"no build flags for CPU capability {capability!r}")
-    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
     # -fopenmp: at::parallel_for is inline OpenMP code; without it the call would run on one thread
     flags = ["-O2", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", f"-DCPU_CAPABILITY={capability}",
              f"-DCPU_CAPABILITY_{capability}", *_CAPABILITY_FLAGS[capability]]
-    name = f"hf_turbo_cpu_decode_{capability.lower()}_{tag}"
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                   "torch_extensions")
-    build_dir = Path(base) / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"
-    # a build killed midway leaves torch's lock file behind, and the next load would wait on it forever
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        logger.warning("removing a stale build lock %s", lock)
-        lock.unlink(missing_ok=True)
-    if not (build_dir / f"{name}.so").exists():
-        logger.warning("hf_turbo: compiling the CPU decode attention for %s (once per machine, about a minute)",
-                       capability)
     env_bin = str(Path(sys.executable).parent)  # the `ninja` pip package's binary sits beside the interpreter
     path = os.environ.get("PATH", "")
     if env_bin not in path.split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join([path, env_bin]) if path else env_bin
-    return load_extension(name=name, sources=[str(_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                          build_directory=str(build_dir), verbose=False)
+    return load_cached(f"hf_turbo_cpu_{capability.lower()}", [_SOURCE], flags, ["-fopenmp"])
 
 
 def _self_check(module) -> str | None:
@@ -330,3 +314,11 @@ def decode_attention(q: torch.Tensor, k_arena: torch.Tensor, v_arena: torch.Tens
     [S, H_kv, C, D]; rows, slots, lens: int64 CPU tensors. Call :func:`available` first.
     """
     _module.decode_attention(q, k_arena, v_arena, rows, slots, lens, scale, out)
+
+
+def build_ahead() -> bool:
+    """Build and check the extension now (``make install`` calls it); prints and returns whether it is ready."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = available()
+    print("hf_turbo CPU extension:", "ready" if ok else "unavailable (the engine uses per-sequence calls)")
+    return ok
