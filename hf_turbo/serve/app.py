@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["create_app"]
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_LARGE_BODY = 64 * 1024  # bytes: a body this large may take 100s of ms of CPU to tokenize
 _RETRY_AFTER_S = 1  # what a 429 asks the client to wait: the queue drains at the engine's step rate
 
 
@@ -76,7 +77,7 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             yield
         finally:
             await engine.shutdown(timeout=30)
-            server.pool.shutdown(wait=False, cancel_futures=True)
+            server.shutdown()
 
     app = FastAPI(title="hf_turbo", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.hf_turbo = server
@@ -249,16 +250,23 @@ class _Server:
         self.context_limit = min(sync.max_model_len or kv_tokens, kv_tokens)
         self.preparer = RequestPreparer(self.tokenizer, model_name, self.context_limit, sync.vocab_size,
                                         chat_template)
-        # tokenization, templates and response formatting: off the event loop, a few at a time
+        # tokenization, templates and response formatting: off the event loop, a few at a time; large
+        # bodies one at a time in a lane of their own, so that they neither queue the small ones nor take
+        # every core from the engine thread (whose steps stall when its threads are starved)
         self.pool = ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 1)),
                                        thread_name_prefix="hf-turbo-serve")
+        self.large_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-turbo-serve-large")
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "hf_turbo",
                 "max_model_len": self.context_limit}
 
-    async def _in_pool(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def _in_pool(self, fn, *args, large: bool = False):
+        return await asyncio.get_running_loop().run_in_executor(self.large_pool if large else self.pool, fn, *args)
+
+    def shutdown(self) -> None:
+        for pool in (self.pool, self.large_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def _read_body(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type")
@@ -288,7 +296,7 @@ class _Server:
         t0 = time.perf_counter()
         try:
             raw = await self._read_body(request)
-            prepared = await self._in_pool(self.preparer.prepare, raw, chat)
+            prepared = await self._in_pool(self.preparer.prepare, raw, chat, large=len(raw) > _LARGE_BODY)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             return await self._generate(request, prepared, chat, rid, t0)
         except APIError as exc:
