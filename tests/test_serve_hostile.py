@@ -230,7 +230,8 @@ def test_health_and_streams_flow_while_1mib_prompts_are_tokenized(live, capsys):
               f"largest gap between stream events {max(gaps) * 1000:.1f} ms")
     assert len(latencies) >= 3
     assert max(latencies) < 0.5  # loose: the issue saw 5.9 s with the tokenizer on the event loop
-    assert text  # the stream finished normally meanwhile
+    assert text and max(gaps) < 2.0  # loose: the stream kept flowing (it stalled for seconds with the prompts
+    # tokenized side by side on every core)
     assert_no_leak(live.engine)
 
 
