@@ -138,6 +138,7 @@ def test_long_integers_and_lone_surrogates_get_400(live):
         # 3: ... and in `model`, which the 404 used to echo (a plain-text 500 and a reset connection)
         _expect_error(conn, comp, b'{"model": "\\ud800", "prompt": "x"}', 400, "model")
         _expect_error(conn, comp, b'{"model": "fix\\udc80ture", "prompt": "x"}', 400, "model")
+        _expect_error(conn, comp, b'{"model": "fixture", "prompt": "x", "\\ud800": 1}', 400, None)  # in a key
         # a surrogate pair is one valid character: served (a 404 for the unknown model name, echoed intact)
         code, _, raw = conn.request("POST", comp, b'{"model": "\\ud83d\\ude00", "prompt": "x"}')
         assert code == 404 and "\U0001f600" in json.loads(raw)["error"]["message"]

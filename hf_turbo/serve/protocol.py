@@ -79,21 +79,20 @@ def decode_json_body(raw: bytes) -> dict:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     except ValueError:  # an integer literal over sys.get_int_max_str_digits(), json.loads's only other error
         path = _find(json.loads(text, parse_int=_long_int), lambda v: isinstance(v, _LongInt))
-        raise _bad_value(path, f"an integer has more than {sys.get_int_max_str_digits()} digits") from None
+        why = f"an integer has more than {sys.get_int_max_str_digits()} digits"
+        err = APIError(400, f"Invalid value for '{path}': {why}.", path) if path else \
+            APIError(400, f"Invalid request body: {why}.")
+        raise err from None
     if not isinstance(obj, dict):
         raise APIError(400, f"The request body must be a JSON object, got a JSON {_json_type(obj)}.")
     if _SURROGATE_ESCAPE.search(text):
         path = _find(obj, _not_unicode)
-        if path is not None:
-            raise _bad_value(path, "it holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), "
-                             "which is not valid Unicode")
+        why = "a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), which is not valid Unicode"
+        if path:
+            raise APIError(400, f"Invalid value for '{path}': it holds {why}.", path)
+        if path is not None:  # one of the body's own keys
+            raise APIError(400, f"Invalid request body: a key holds {why}.")
     return obj
-
-
-def _bad_value(path: str, why: str) -> APIError:
-    if not path:  # the body's own keys
-        return APIError(400, f"Invalid request body: one of its keys {why.removeprefix('it ')}.")
-    return APIError(400, f"Invalid value for '{path}': {why}.", path)
 
 
 class _LongInt:
@@ -117,17 +116,22 @@ def _not_unicode(v) -> bool:
     return False
 
 
-def _find(obj, bad, loc: tuple = ()) -> str | None:
-    """The parameter name of the first value (or object key) in ``obj`` for which ``bad`` holds."""
-    if bad(obj):
-        return _param_name(loc)
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    for key, value in items:
-        if bad(key):  # a bad key is named by its object: the key itself cannot be shown
+def _find(obj, bad) -> str | None:
+    """The parameter name of the first value (or object key) in ``obj`` for which ``bad`` holds; a bad
+    key is named by its object (the key itself cannot be shown). Iterative: nesting is as deep as
+    json.loads allows, which is about Python's recursion limit."""
+    stack = [((), obj)]
+    while stack:
+        loc, value = stack.pop()
+        if bad(value):
             return _param_name(loc)
-        found = _find(value, bad, (*loc, key))
-        if found is not None:
-            return found
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        children = []
+        for key, child in items:
+            if bad(key):
+                return _param_name(loc)
+            children.append(((*loc, key), child))
+        stack.extend(reversed(children))  # depth-first, in document order
     return None
 
 
