@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 from hf_turbo.engine import AsyncEngine, EngineOverloaded
 from hf_turbo.serve.metrics import Metrics
 from hf_turbo.serve.openapi import install_openapi
-from hf_turbo.serve.prepare import Prepared, RequestPreparer
+from hf_turbo.serve.prepare import Prepared, RequestPreparer, param_of
 from hf_turbo.serve.protocol import APIError, ResponseFormatter, error_body, json_bytes
 
 logger = logging.getLogger(__name__)
@@ -318,9 +318,10 @@ class _Server:
             try:
                 first = await watch.run(stream.__anext__())
             except ValueError as exc:
-                msg = str(exc)
-                param = "max_tokens" if "max_new_tokens" in msg else ("messages" if chat else "prompt")
-                raise APIError(400, f"Invalid '{param}': {msg}", param) from None
+                # the engine's own length checks name max_new_tokens; the rest is about the prompt
+                default = "max_tokens" if "max_new_tokens" in str(exc) else ("messages" if chat else "prompt")
+                param = param_of(exc, default)
+                raise APIError(400, f"Invalid '{param}': {exc}", param) from None
             except EngineOverloaded as exc:
                 raise APIError(429, f"The server is overloaded ({exc}); retry later.", type="rate_limit_error",
                                code="server_overloaded", headers={"Retry-After": str(_RETRY_AFTER_S)}) from None

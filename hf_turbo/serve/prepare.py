@@ -13,7 +13,7 @@ from hf_turbo.sampling import SamplingParams
 from hf_turbo.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, decode_json_body, parse_request
 from hf_turbo.serve.rules import SAMPLER_FIELDS
 
-__all__ = ["RequestPreparer", "Prepared"]
+__all__ = ["RequestPreparer", "Prepared", "param_of"]
 
 _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 # SamplingParams field -> the HTTP parameter a user sets it with
@@ -119,6 +119,12 @@ class RequestPreparer:
                 repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
                 **extra)
         except ValueError as exc:
-            field = str(exc).split()[0].removeprefix("SamplingParams.")
-            param = _PARAM_NAMES.get(field)
+            param = param_of(exc, None)
             raise APIError(400, f"Invalid value for '{param}': {exc}", param) from None
+
+
+def param_of(exc: ValueError, default: str | None) -> str | None:
+    """The HTTP parameter a ``SamplingParams.<field> ...`` error is about (``default`` for other errors)."""
+    words = str(exc).split()
+    field = words[0].removeprefix("SamplingParams.") if words and words[0].startswith("SamplingParams.") else None
+    return _PARAM_NAMES.get(field, default)
