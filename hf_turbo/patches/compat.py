@@ -53,6 +53,8 @@ def extra_logits_processors(model, gen_config, input_ids, attention_mask, user_p
               lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper, lp.MinPLogitsWarper)
     gc = copy.deepcopy(gen_config)
     model._prepare_special_tokens(gc, True, device=input_ids.device)
+    if gc.max_new_tokens is not None:  # as stock's _prepare_generated_length sets it (forced EOS reads it)
+        gc.max_length = gc.max_new_tokens + input_ids.shape[1]
     user = LogitsProcessorList(user_processors or [])
     procs = model._get_logits_processor(generation_config=gc, input_ids_seq_length=input_ids.shape[1],
                                         encoder_input_ids=input_ids, prefix_allowed_tokens_fn=None,
