@@ -165,8 +165,10 @@ def _response_format(name: str, v: dict) -> dict:
     return v
 
 
-_PENALTY = Check(_penalty, {"minimum": -2.0, "maximum": 2.0})
+_PENALTY = Check(_penalty, {"minimum": -2.0, "maximum": 2.0} if "presence_penalty" in SAMPLER_FIELDS else {"enum": [0]})
 _LOGPROBS = Interval(0, MAX_LOGPROBS)
+_LOGIT_BIAS_SCHEMA = {"propertyNames": {"pattern": "^[0-9]{1,10}$"}, "additionalProperties": {
+    "type": "number", "minimum": -100, "maximum": 100}} if "logit_bias" in SAMPLER_FIELDS else {"maxProperties": 0}
 
 # Parameters of both routes. Values are checked only when present and not null.
 SAMPLING_RULES: dict[str, Any] = {
@@ -177,7 +179,7 @@ SAMPLING_RULES: dict[str, Any] = {
     "stop": Check(_stop),
     "presence_penalty": _PENALTY,
     "frequency_penalty": _PENALTY,
-    "logit_bias": Check(_logit_bias),
+    "logit_bias": Check(_logit_bias, _LOGIT_BIAS_SCHEMA),
     "top_k": Check(_top_k, {"minimum": -1}),
     "min_tokens": Interval(0),
     "repetition_penalty": Interval(0.0, lo_open=True),
