@@ -112,6 +112,11 @@ class PagedKVCache(Cache):
         """Write the forward's new K/V ([1, H_kv, T, D]) into the pools at the context's slots."""
         if self.ctx is None:
             raise RuntimeError("PagedKVCache.update called outside an hf_turbo forward (no ForwardContext)")
+        if value_states.shape[1] != key_states.shape[1] or value_states.shape[-1] != key_states.shape[-1]:
+            # MLA families (deepseek_v2/v3, minicpm3) cache a latent and a rotary part under these names
+            raise ValueError(f"layer {layer_idx} caches keys {tuple(key_states.shape[1::2])} and values "
+                             f"{tuple(value_states.shape[1::2])} of different (heads, dim): not the K/V the paged "
+                             "pools hold (a compressed, MLA-style cache)")
         pool = self.key_pools[layer_idx]
         if pool is None or pool.shape[2] != key_states.shape[1] or pool.shape[3] != key_states.shape[-1]:
             # key_states: [B, H_kv, T, D]; a layer whose K/V differ from the config's layout

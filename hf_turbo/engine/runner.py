@@ -23,7 +23,7 @@ import torch
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache
 from hf_turbo.engine.lean import LeanForward
 from hf_turbo.engine.request import Request
-from hf_turbo.patches.attention import CTX_KWARG
+from hf_turbo.patches.attention import CTX_KWARG, engine_forward
 from hf_turbo.patches.compat import forward_cache_kwargs
 
 __all__ = ["ModelRunner"]
@@ -158,7 +158,8 @@ class ModelRunner:
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
         ctx.cache.ctx = ctx
         try:
-            return forward(ctx)
+            with engine_forward(ctx):
+                return forward(ctx)
         finally:
             ctx.cache.ctx = None
 

@@ -15,18 +15,46 @@ Two paths through one function:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_turbo.kernels import cpu_ext, flash_attention_varlen, paged_attention, use_triton
-from hf_turbo.kernels.reference import sequence_attention_ref
+from hf_turbo.kernels.reference import _causal_mask, sequence_attention_ref
 
-__all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask"]
+__all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask", "engine_forward"]
 
 ATTN_NAME = "hf_turbo"
 CTX_KWARG = "turbo_ctx"
+
+# The forward context of the engine forward running in this thread (or asyncio task), for models whose
+# decoder layers do not pass the forward's kwargs on to attention (stablelm, nemotron: the layer calls
+# self_attn(...) without **kwargs), so ``turbo_ctx`` never arrives. Set only by :func:`engine_forward`.
+_FORWARD_CTX: ContextVar = ContextVar("hf_turbo_forward_ctx", default=None)
+
+
+@contextmanager
+def engine_forward(ctx) -> Iterator[None]:
+    """Run the enclosed model forward as an engine forward over ``ctx`` (a ForwardContext)."""
+    token = _FORWARD_CTX.set(ctx)
+    try:
+        yield
+    finally:
+        _FORWARD_CTX.reset(token)
+
+
+def _forward_context(query: torch.Tensor):
+    """The enclosing engine forward's context if this attention call belongs to it: batch 1 and the
+    forward's token count (an attention over other tokens, e.g. a sub-model's, stays a plain call)."""
+    ctx = _FORWARD_CTX.get()
+    if ctx is None or query.shape[0] != 1 or query.shape[2] != ctx.slot_mapping.shape[0]:
+        return None
+    return ctx
 
 
 def turbo_mask(*args, **kwargs):
@@ -41,6 +69,8 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     **kwargs) -> tuple[torch.Tensor, None]:
     """Attention for transformers' interface. query [B, H, S, D]; returns ([B, S, H, D], None)."""
     ctx = kwargs.pop(CTX_KWARG, None)
+    if ctx is None:
+        ctx = _forward_context(query)
     sliding_window = kwargs.pop("sliding_window", None)
     softcap = kwargs.pop("softcap", None)
     if scaling is None:
@@ -48,17 +78,44 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if ctx is None:
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
                                 sliding_window, softcap, **kwargs)
-    k_pool, v_pool = ctx.cache.layer_pools(module.layer_idx)
+    layer = _written_layer(module, key, value, ctx, kwargs)
+    if ctx.seen_windows is not None:
+        ctx.seen_windows[layer] = sliding_window
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if softcap is not None:
+            raise ValueError(f"{type(module).__name__} combines attention sinks with softcap, which hf_turbo's "
+                             "attention does not implement")
+        if use_triton(ctx.backend, query):
+            raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which hf_turbo's Triton "
+                             "paged attention does not implement")
+        return _paged_sink_attention(query, *ctx.cache.layer_pools(layer), ctx, scaling, sliding_window, sinks), None
+    k_pool, v_pool = ctx.cache.layer_pools(layer)
     # query: [1, H, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1).contiguous()
     if ctx.seqs is not None and not use_triton(ctx.backend, q):
-        return _contiguous_attention(module.layer_idx, q, key, value, ctx, k_pool, v_pool, scaling,
+        return _contiguous_attention(layer, q, key, value, ctx, k_pool, v_pool, scaling,
                                      sliding_window, softcap), None
     out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                           scale=scaling, sliding_window=sliding_window, softcap=softcap,
                           max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
                           max_context_len=ctx.max_context_len, plan_cache=ctx.plan_cache)
     return out.unsqueeze(0), None
+
+
+def _written_layer(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, ctx, kwargs: dict) -> int:
+    """The cache layer whose pools hold this call's keys and values: the one the latest
+    ``PagedKVCache.update`` wrote ``key``/``value`` to (hrm_text writes cycle c of layer i to slot
+    i + c * n, not to ``module.layer_idx``). The kernels read K/V from the pools, not from the
+    arguments, so a call over other tensors (K/V changed after the update, as diffllama's split values,
+    or another layer's) cannot be computed here: ValueError, which the accelerate() probe reports as
+    the reason to refuse the model."""
+    written = ctx.last_write
+    if written is None or written[1] is not key or written[2] is not value:
+        raise ValueError(f"{type(module).__name__} attends over keys/values other than those it has just written "
+                         "to the cache (changed after cache.update, or another layer's), which hf_turbo's paged "
+                         "attention cannot reproduce")
+    return written[0]
 
 
 def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap):
@@ -104,10 +161,53 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
             value.transpose(1, 2).reshape(b * s, -1, d), cu, cu, scale=scaling, causal=True,
             sliding_window=sliding_window, softcap=softcap)
         return out.view(b, s, h, d), None
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if attention_mask is None:  # sdpa_mask skipped it: plain causal, queries at the end of the keys
+            attention_mask = _causal_mask(s, kv_len, kv_len - s, None, query.device)[None, None]
+        return _eager_sink_attention(query, key, value, attention_mask, scaling, sinks), None
     if softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     return _softcap_attention(query, key, value, attention_mask, scaling, softcap)
+
+
+def _eager_sink_attention(query, key, value, attention_mask, scaling, sinks):
+    """Attention with a learned per-head sink logit in the softmax (gpt_oss, flint, granite_swa), op for
+    op as transformers' eager version. query [B, H, S, D]; key/value [B, H_kv, L, D]; attention_mask
+    bool (True = attend) or additive [B or 1, 1, S, L]; sinks [H]. Returns [B, S, H, D]."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # repeat_kv
+        b, h_kv, length, d = key.shape
+        key = key[:, :, None].expand(b, h_kv, groups, length, d).reshape(b, h_kv * groups, length, d)
+        value = value[:, :, None].expand(b, h_kv, groups, length, d).reshape(b, h_kv * groups, length, d)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask.dtype == torch.bool:
+        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+    else:
+        weights = weights + attention_mask
+    sink = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1).to(weights.dtype)
+    combined = torch.cat([weights, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(value.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
+
+
+def _paged_sink_attention(query, k_pool, v_pool, ctx, scaling, sliding_window, sinks):
+    """Sink attention inside an engine forward (CPU): per sequence, its keys gathered from the pool
+    through its block table and the eager op sequence. query [1, H, T, D]; returns [1, T, H, D]."""
+    bs = k_pool.shape[1]
+    cu, lens, tables = ctx.host_cu_seqlens_q, ctx.host_context_lens, ctx.block_tables.tolist()
+    out = torch.empty(1, query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+    for s, length in enumerate(lens):
+        n = cu[s + 1] - cu[s]
+        blocks = tables[s][: -(-length // bs)]
+        # pool [blocks, bs, H_kv, D] -> this sequence's [1, H_kv, L, D]
+        k = k_pool[blocks].flatten(0, 1)[:length].transpose(0, 1)[None]
+        v = v_pool[blocks].flatten(0, 1)[:length].transpose(0, 1)[None]
+        mask = _causal_mask(n, length, length - n, sliding_window, query.device)[None, None]
+        out[:, cu[s]:cu[s + 1]] = _eager_sink_attention(query[:, :, cu[s]:cu[s + 1]], k, v, mask, scaling, sinks)
+    return out
 
 
 def _softcap_attention(query, key, value, attention_mask, scaling, softcap):
