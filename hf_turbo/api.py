@@ -73,13 +73,37 @@ def _ensure_turbo_attention(model) -> None:
         accelerate(model)
 
 
-def accelerate(model, config: TurboConfig | None = None, **overrides):
+def _check_packed_forward(model, backend: str) -> None:
+    """Switch the model to the "hf_turbo" attention after the probe has shown the engine's packed paged
+    forward gives the model's own logits (:mod:`hf_turbo.engine.probe`); else put the attention back
+    and raise ValueError saying what differed. Costs about as much as generating 3 tokens."""
+    from hf_turbo.engine.probe import probe_packed_forward
+
+    original_attn = model.config._attn_implementation
+    reason = probe_packed_forward(model, lambda: model.set_attn_implementation(ATTN_NAME), backend)
+    if reason is not None:
+        model.set_attn_implementation(original_attn)
+        mtype = getattr(model.config, "model_type", type(model).__name__)
+        raise ValueError(f"model_type {mtype!r} ({type(model).__name__}) cannot run on hf_turbo's engine exactly: "
+                         f"{reason}")
+
+
+def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, **overrides):
     """Patch a stock transformers decoder in place to run on hf_turbo; returns the same model.
 
     After it, ``model.generate(...)`` returns the same tokens as stock generate (greedy, fp32)
     from a paged-KV continuous-batching engine. Calling it twice is a no-op. Keyword
     ``overrides`` replace :class:`TurboConfig` fields (``max_num_batched_tokens=...``,
     ``num_blocks=...``, ``block_size=...``).
+
+    ``probe`` (default True): before anything is patched, run the model stock and as the engine
+    runs it on two short prompts and one decode step (:mod:`hf_turbo.engine.probe`; about the
+    cost of generating 3 tokens) and refuse a model whose logits differ. Turn it off only for a
+    model already checked in this configuration.
+
+    Raises:
+        ValueError: the model is not a decoder-only causal LM on transformers' attention interface,
+            or the probe found that the engine's packed forward does not reproduce its logits.
     """
     if is_accelerated(model):
         return model
@@ -94,7 +118,10 @@ def accelerate(model, config: TurboConfig | None = None, **overrides):
                         had_generate_attr="generate" in model.__dict__)
     if state.had_generate_attr:
         state.extras["generate"] = model.__dict__["generate"]
-    model.set_attn_implementation(ATTN_NAME)
+    if probe:
+        _check_packed_forward(model, cfg.backend)
+    else:
+        model.set_attn_implementation(ATTN_NAME)
     setattr(model, _STATE_ATTR, state)
     model.generate = make_generate(model)
     install_pipeline_patch(model)
