@@ -331,6 +331,30 @@ def test_adaptive_k_when_the_batch_drains_speculates_all_or_none():
     assert ctl.plan(["good"], [6], 1, 0.01, 2.0, drain=True) == [0]
 
 
+def test_skipped_plain_steps_probe_when_planning_every_step_would():
+    """After a plan chose plain decoding, the decoder skips planning for the steps before the next probe:
+    counted with skip(), the probe comes at the same step as when every step is planned."""
+    def probe_steps(skipping: bool) -> list[int]:
+        ctl = AdaptiveK(k_max=4)
+        for _ in range(10):
+            ctl.record("r0", 4, 0)  # never accepted: plain decoding, with a probe now and then
+        left, probes = 0, []
+        for step in range(3 * PROBE_EVERY + 8):
+            if skipping and left > 0:
+                left -= 1
+                ctl.skip()
+                continue
+            ks = ctl.plan(["r0"], [100], 1, 0.01, 0.5)
+            if any(ks):
+                probes.append(step)
+            else:
+                left = ctl.plain_steps_left()
+        return probes
+
+    planned = probe_steps(False)
+    assert planned and probe_steps(True) == planned
+
+
 def test_draft_caches_shared_prefixes_in_its_own_pool():
     model = _model()
     g = torch.Generator().manual_seed(7)

@@ -104,6 +104,14 @@ class AdaptiveK:
         probed = self._take_turns(list(range(len(caps))))
         return [min(1, c) if i in probed else 0 for i, c in enumerate(caps)]
 
+    def plain_steps_left(self) -> int:
+        """After a plan that chose plain decoding: the plain steps still due before the next probe."""
+        return max(self._probe_every - self._idle - 1, 0)
+
+    def skip(self) -> None:
+        """Count a plain step that was not planned (the last plan chose plain and its inputs stand)."""
+        self._idle += 1
+
     def _take_turns(self, candidates: list[int]) -> set[int]:
         """The next ``PROBE_REQUESTS`` of ``candidates`` (batch indices), going round them step by step."""
         first = self._probe_next % len(candidates)
