@@ -101,7 +101,7 @@ def test_a_killed_builder_does_not_delay_the_next(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_real_build_killed_midway_then_an_engine_starts(tmp_path):
     """The real extension: a build killed during compilation, then a new engine is ready within one build
-    time plus 10 s (the clean build is timed first, in its own directory)."""
+    time plus 10 s (clean builds in their own directories, timed before and after)."""
     code = ("import torch; from hf_turbo import Engine; from hf_turbo.testing import tiny_model; "
             "from hf_turbo.kernels import cpu_ext; e = Engine(tiny_model('llama')); "
             "assert cpu_ext.available(); print(e.generate([[5, 6, 7]], use_tqdm=False)[0].token_ids)")
@@ -124,4 +124,8 @@ def test_real_build_killed_midway_then_an_engine_starts(tmp_path):
     victim.wait()
     t0 = time.monotonic()
     assert run(tmp_path / "shared").wait() == 0
-    assert time.monotonic() - t0 < build_s + 10
+    rebuild_s = time.monotonic() - t0
+    t0 = time.monotonic()  # a second clean build: the box's speed may have drifted meanwhile
+    assert run(tmp_path / "clean2").wait() == 0
+    build_s = max(build_s, time.monotonic() - t0)
+    assert rebuild_s < build_s + 10, f"rebuild after a killed build took {rebuild_s:.0f} s, a build {build_s:.0f} s"
