@@ -206,3 +206,58 @@ def test_measure_flags_wrong_token_counts() -> None:
     record = bench.measure_path(_stub_ctx(None), _fake_path([1.0], [3, 2]), workload)
     assert record["tokens_consistent"] is False
     assert (record["generated_tokens"], record["requested_tokens"]) == (5, 6)
+
+
+# -- shipped shapes and --sampling --------------------------------------------------------------
+def test_sampling_option_parses_modes_and_names_itself_on_bad_input() -> None:
+    assert bench.parse_sampling("greedy") is None
+    assert bench.parse_sampling("default") == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    assert bench.parse_sampling("0.8,0.95,50") == {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
+    for bad in ("0.8,0.95", "hot", "0,0.9,0", "1,1.5,0", "1,0.9,-1", "1,0.9,2.5"):
+        with pytest.raises(ValueError, match="--sampling"):
+            bench.parse_sampling(bad)
+    assert bench.run(_args("--quick", "--sampling", "warm")) == 2
+    assert bench.run(_args("--quick", "--shape", "smollm2-135m", "--model", "x")) == 2
+
+
+def test_shipped_shapes_have_the_published_vocabularies() -> None:
+    from hf_turbo.bench.shapes import SHAPES, shape_config
+
+    vocab = {name: shape_config(name).vocab_size for name in SHAPES}
+    assert vocab == {"smollm2-135m": 49_152, "qwen3-0.6b": 151_936, "llama3.2-1b": 128_256, "llama3.1-8b": 128_256}
+    assert shape_config("qwen3-0.6b", num_layers=2).num_hidden_layers == 2
+    with pytest.raises(ValueError, match="--shape"):
+        shape_config("gpt5")
+
+
+def test_shape_model_has_a_trained_logit_spread_and_paths_sample() -> None:
+    from hf_turbo.bench.shapes import LOGIT_STD, build
+
+    model, ids = build("smollm2-135m", torch.float32, torch.device("cpu"), num_layers=1)
+    prompt = torch.tensor([ids("def main ( ) : return None if x else y")["input_ids"]])
+    std = float(model(prompt).logits.std(dim=-1).mean())
+    assert abs(std - LOGIT_STD) < 0.15 * LOGIT_STD
+    assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    gen = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2, pad_token_id=None),
+                          config=SimpleNamespace(eos_token_id=2, pad_token_id=None))
+    ctx = BenchContext(gen, SimpleNamespace(pad_token_id=1), torch.device("cpu"), torch.float32,
+                       sampling={"temperature": 0.7, "top_p": 0.9, "top_k": 0})
+    config = ctx.decode_config(5)
+    assert config.do_sample and (config.temperature, config.top_p, config.top_k) == (0.7, 0.9, 0)
+    assert config.min_new_tokens == config.max_new_tokens == 5
+    assert not BenchContext(gen, ctx.tokenizer, ctx.device, ctx.dtype).decode_config(5).do_sample
+
+
+@pytest.mark.slow
+def test_shape_run_samples_and_reports_the_sampler_share(tmp_path: Path) -> None:
+    """A random-weight shape with a trained logit spread, sampled by every path; the engine's sampler share."""
+    args = _args("--quick", "--device", "cpu", "--threads", "1", "--workloads", "W2", "--shape", "smollm2-135m",
+                 "--shape-layers", "1", "--sampling", "0.8,0.95,0", "--paths", "hf_sequential,turbo_engine",
+                 "--json", str(tmp_path / "b.json"))
+    assert bench.run(args) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert doc["config"]["shape"] == "smollm2-135m" and doc["config"]["vocab_size"] == 49_152
+    assert doc["config"]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "top_k": 0}
+    engine = next(r for r in doc["results"] if r["path"] == "turbo_engine")
+    assert engine["tokens_consistent"] and engine["exact_match_vs_baseline"] is None
+    assert 0 < engine["extra"]["sampler_share"] < 1

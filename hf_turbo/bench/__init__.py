@@ -29,6 +29,8 @@ from hf_turbo.bench.paths import (
     register_path,
 )
 from hf_turbo.bench.report import FLOP_NOTE, add_derived, format_table, plot, write_json
+from hf_turbo.bench.shapes import LOGIT_STD, SHAPES
+from hf_turbo.bench.shapes import build as build_shape
 from hf_turbo.bench.workloads import WORKLOAD_NAMES, Workload, build_workloads
 
 __all__ = [
@@ -53,6 +55,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``hf-turbo bench`` options to ``parser``."""
     parser.add_argument("--model", default=None, help="local model directory (default: the trained fixture)")
+    parser.add_argument(
+        "--shape", default=None, choices=list(SHAPES),
+        help="a shipped model shape with random weights instead of --model (logits scaled to a trained spread)",
+    )
+    parser.add_argument("--shape-layers", type=int, default=None, metavar="N",
+                        help="with --shape: N decoder layers instead of the shape's own (a slow machine)")
+    parser.add_argument(
+        "--sampling", default="greedy", metavar="MODE",
+        help="greedy | default (temperature 1.0, as OpenAI's API) | T,top_p,top_k (e.g. 0.8,0.95,0); every "
+             "path decodes with it",
+    )
     parser.add_argument(
         "--workloads",
         default="all",
@@ -88,6 +101,24 @@ def _split(value: str, known: list[str], what: str) -> list[str]:
     if unknown or not names:
         raise ValueError(f"unknown {what} {unknown or value!r}; choose from {known}")
     return names
+
+
+def parse_sampling(value: str) -> dict[str, float] | None:
+    """``--sampling``: None for greedy, else the temperature/top_p/top_k every path samples with."""
+    if value == "greedy":
+        return None
+    if value == "default":
+        return {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    parts = value.split(",")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        temperature, top_p, top_k = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise ValueError(f"--sampling must be greedy, default or T,top_p,top_k, got {value!r}") from None
+    if not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise ValueError(f"--sampling {value!r}: needs temperature > 0, top_p in (0, 1], top_k >= 0")
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k}
 
 
 def _device(name: str | None) -> torch.device:
@@ -250,12 +281,20 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         device, dtype = _device(args.device), _DTYPES[args.dtype]
-        model_path = args.model
-        if model_path is None:
-            from hf_turbo.testing import fixture_path
+        sampling = parse_sampling(getattr(args, "sampling", "greedy"))
+        shape = getattr(args, "shape", None)
+        if shape is not None:
+            if args.model is not None:
+                raise ValueError("--shape and --model exclude each other")
+            model_path = f"shape:{shape}"
+            model, tokenizer = build_shape(shape, dtype, device, args.shape_layers, seed=args.seed)
+        else:
+            model_path = args.model
+            if model_path is None:
+                from hf_turbo.testing import fixture_path
 
-            model_path = str(fixture_path("target"))
-        model, tokenizer = load_model(model_path, dtype, device)
+                model_path = str(fixture_path("target"))
+            model, tokenizer = load_model(model_path, dtype, device)
         workloads = build_workloads(tokenizer, workload_names, quick=args.quick, seed=args.seed)
         max_pos = getattr(model.config, "max_position_embeddings", None)
         for w in workloads:
@@ -265,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"hf-turbo bench: error: {exc}", file=sys.stderr)
         return 2
 
-    ctx = BenchContext(model, tokenizer, device, dtype, seed=args.seed, max_batch=args.max_batch)
+    ctx = BenchContext(model, tokenizer, device, dtype, seed=args.seed, max_batch=args.max_batch, sampling=sampling)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -310,6 +349,9 @@ def _bench(
             logger.info("%s: %s", w.name, name)
             records.append(measure_path(ctx, PATHS[name], w))
     _exact_match(records, baseline)
+    if ctx.sampling is not None:  # each path draws its own random tokens: no token comparison
+        for r in records:
+            r["exact_match_vs_baseline"] = None
     add_derived(records, baseline, ceilings.compute_gflops(ctx.dtype), n_params)
 
     table = format_table(records, baseline)
@@ -319,6 +361,10 @@ def _bench(
         "config": {
             "model": model_path,
             "model_type": ctx.model.config.model_type,
+            "shape": getattr(args, "shape", None),
+            "num_layers": ctx.model.config.get_text_config().num_hidden_layers,
+            "vocab_size": ctx.model.config.get_text_config().vocab_size,
+            "sampling": ctx.sampling,
             "n_params_matmul": n_params,
             "quick": args.quick,
             "seed": args.seed,
@@ -337,6 +383,8 @@ def _bench(
             "own requested length; hf_padded decodes max(output lens) per batch, the rest is wasted_tokens.",
             "hf_padded splits requests, in order, into batches of at most max_batch.",
             "hf_cb seconds exclude manager start-up (extra.setup_s); W2 seconds are the median of 3 runs.",
+            f"--shape models have random weights with the output embedding scaled to logit std {LOGIT_STD}; "
+            "sampler % is the engine's time in hf_turbo.sampling.sample (device synchronized) over the run.",
         ],
     }
     if args.json:

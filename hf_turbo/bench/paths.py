@@ -1,8 +1,8 @@
 """Generation paths the benchmark compares, and the registry that later paths join.
 
 A path is a function ``fn(ctx: BenchContext, workload: Workload) -> PathResult`` that generates
-exactly ``workload.output_lens[i]`` new tokens for every request ``i`` (greedy) and times itself with
-``time.perf_counter``. The runner calls it once on ``workload.warmup()`` untimed first. A path that
+exactly ``workload.output_lens[i]`` new tokens for every request ``i`` (greedy, or ``ctx.sampling``) and
+times itself with ``time.perf_counter``. The runner calls it once on ``workload.warmup()`` untimed first. A path that
 cannot run here raises ``PathUnavailable(reason)``; the report lists it as unavailable.
 
 Add one with ``register_path("name", fn)``; ``baseline=True`` marks the path other paths' speed is
@@ -54,6 +54,8 @@ class BenchContext:
         seed: the benchmark seed.
         max_batch: most requests a batched path may put into one ``generate()`` call.
         progress: show tqdm bars (on stderr).
+        sampling: ``None`` for greedy, else ``{"temperature": T, "top_p": P, "top_k": K}`` (every path
+            samples with it; seeded per request where the path takes seeds).
     """
 
     model: Any
@@ -63,6 +65,7 @@ class BenchContext:
     seed: int = 0
     max_batch: int = 64
     progress: bool = True
+    sampling: dict[str, float] | None = None
 
     @property
     def pad_token_id(self) -> int:
@@ -81,14 +84,16 @@ class BenchContext:
         eos = self.model.generation_config.eos_token_id
         return eos if eos is not None else self.model.config.eos_token_id
 
-    def greedy_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Greedy config that generates exactly ``max_new_tokens`` (EOS suppressed until then)."""
+    def decode_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Greedy (or the run's sampling) config that generates exactly ``max_new_tokens`` (EOS suppressed
+        until then)."""
+        sampling = {"do_sample": False} if self.sampling is None else {"do_sample": True, **self.sampling}
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
-            do_sample=False,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            **sampling,
         )
 
     def synchronize(self) -> None:
@@ -166,7 +171,7 @@ def hf_sequential(ctx: BenchContext, workload: Workload) -> PathResult:
         start = perf_counter()
         for prompt, n in zip(workload.prompts, workload.output_lens, strict=True):
             ids = torch.tensor([prompt], dtype=torch.long, device=ctx.device)
-            config = ctx.greedy_config(n)
+            config = ctx.decode_config(n)
             out = ctx.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
             outputs.append(out[0, len(prompt) :].tolist())
             processed += len(prompt) + n
@@ -197,7 +202,7 @@ def hf_padded(ctx: BenchContext, workload: Workload) -> PathResult:
             for row, prompt in enumerate(prompts):
                 ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
                 mask[row, width - len(prompt) :] = 1
-            config = ctx.greedy_config(max_out)
+            config = ctx.decode_config(max_out)
             out = ctx.model.generate(
                 ids.to(ctx.device), attention_mask=mask.to(ctx.device), generation_config=config
             )
@@ -251,7 +256,8 @@ def hf_cb(ctx: BenchContext, workload: Workload) -> PathResult:
     attn_before = ctx.model.config._attn_implementation
     results: dict[str, Any] = {}
     try:
-        gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=ctx.pad_token_id)
+        sampling = {"do_sample": False} if ctx.sampling is None else {"do_sample": True, **ctx.sampling}
+        gen_config = GenerationConfig(eos_token_id=-1, pad_token_id=ctx.pad_token_id, **sampling)
         cb_config = _cb_config(ctx, workload)
         setup_start = perf_counter()
         with (

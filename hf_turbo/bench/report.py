@@ -48,11 +48,15 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _pct(share: float | None) -> float | None:
+    return None if share is None else 100 * share
+
+
 def format_table(records: list[dict[str, Any]], baseline: str | None) -> str:
     """Fixed-width table, one line per record; unavailable/failed paths show their reason."""
     header = (
         f"{'workload':<8} {'path':<16} {'reqs':>5} {'gen tok':>8} {'seconds':>9} {'tok/s':>10} "
-        f"{'x ' + (baseline or 'base'):>16} {'% compute':>9}"
+        f"{'x ' + (baseline or 'base'):>16} {'% compute':>9} {'sampler %':>9}"
     )
     lines = [header, "-" * len(header)]
     for r in records:
@@ -65,6 +69,7 @@ def format_table(records: list[dict[str, Any]], baseline: str | None) -> str:
             head
             + f"{r['generated_tokens']:>8} {r['seconds']:>9.3f} {r['tokens_per_s']:>10.1f} "
             + f"{_fmt(r['ratio_vs_baseline'], '.2f'):>16} {_fmt(r['pct_compute_ceiling'], '.2f'):>9}"
+            + f" {_fmt(_pct((r.get('extra') or {}).get('sampler_share')), '.1f'):>9}"
             + flag
         )
     return "\n".join(lines)

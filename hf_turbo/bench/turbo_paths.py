@@ -33,7 +33,7 @@ def turbo_sequential(ctx: BenchContext, workload: Workload) -> PathResult:
             start = perf_counter()
             for prompt, n in zip(workload.prompts, workload.output_lens, strict=True):
                 ids = torch.tensor([prompt], dtype=torch.long, device=ctx.device)
-                out = ctx.model.generate(ids, generation_config=ctx.greedy_config(n))
+                out = ctx.model.generate(ids, generation_config=ctx.decode_config(n))
                 outputs.append(out[0, len(prompt):].tolist())
                 processed += len(prompt) + n
                 bar.update(1)
@@ -63,26 +63,60 @@ def _engine_run(ctx: BenchContext, workload: Workload, prefix_caching: bool,
                 speculative: SpeculativeConfig | None = None) -> PathResult:
     model = ctx.model
     hf_turbo.accelerate(model, enable_prefix_caching=prefix_caching, speculative=speculative)
+    timer = _SamplerTimer(ctx)
     try:
         engine = hf_turbo.get_engine(model)
-        params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in workload.output_lens]
-        start = perf_counter()
-        outs = engine.generate([list(p) for p in workload.prompts], params, use_tqdm=ctx.progress)
-        ctx.synchronize()
-        seconds = perf_counter() - start
+        params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True, seed=ctx.seed * 100_003 + i,
+                                 **(ctx.sampling or {})) for i, n in enumerate(workload.output_lens)]
+        with timer:
+            start = perf_counter()
+            outs = engine.generate([list(p) for p in workload.prompts], params, use_tqdm=ctx.progress)
+            ctx.synchronize()
+            seconds = perf_counter() - start
         stats = engine.stats()
     finally:
         hf_turbo.restore(model)  # closes the engine: a draft model gets its own attention back
     cached = sum(o.num_cached_tokens for o in outs)
     processed = sum(len(p) for p in workload.prompts) + sum(workload.output_lens) - cached
     extra = {"steps": stats["steps"], "preemptions": stats["preemptions"], "cached_prompt_tokens": cached,
-             "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"]}
+             "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"], "sampler_s": timer.seconds,
+             "sampler_share": timer.seconds / seconds if seconds > 0 else None}
     if speculative is not None:
         extra.update({k: stats[k] for k in ("spec_proposed", "spec_accepted", "acceptance_rate",
                                              "mean_accepted_per_step", "spec_verify_steps",
                                              "spec_position_acceptance")},
                      spec_method=speculative.method, spec_k=speculative.num_tokens, spec_adaptive=speculative.adaptive)
     return PathResult([o.token_ids for o in outs], seconds, processed, extra=extra)
+
+
+class _SamplerTimer:
+    """Times the engine's calls of the sampler (device synchronized), to report its share of the run."""
+
+    def __init__(self, ctx: BenchContext) -> None:
+        self.ctx = ctx
+        self.seconds = 0.0
+        self._saved = None
+
+    def __enter__(self) -> _SamplerTimer:
+        from hf_turbo.engine import engine as engine_module
+
+        self._saved = inner = engine_module.sample
+
+        def timed(*args, **kwargs):
+            self.ctx.synchronize()
+            start = perf_counter()
+            out = inner(*args, **kwargs)
+            self.ctx.synchronize()
+            self.seconds += perf_counter() - start
+            return out
+
+        engine_module.sample = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from hf_turbo.engine import engine as engine_module
+
+        engine_module.sample = self._saved
 
 
 def turbo_engine(ctx: BenchContext, workload: Workload) -> PathResult:
