@@ -186,6 +186,10 @@ def test_inputs_embeds_run_on_the_engine(arch):
 @pytest.mark.parametrize("arch", ["gpt2", "codegen"])
 def test_token_type_ids_run_on_the_engine(arch):
     model = tiny_model(arch)
+    try:  # codegen is refused on transformers 5.17 (no attention interface there)
+        hf_turbo.restore(hf_turbo.accelerate(model))
+    except ValueError as exc:
+        pytest.skip(f"{arch} is refused on this transformers: {exc}")
     ids, mask = masked_batch(model.config.vocab_size, seed=9, holes=False)
     types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(9))
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
