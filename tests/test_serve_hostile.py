@@ -227,10 +227,12 @@ def test_health_and_streams_flow_while_1mib_prompts_are_tokenized(live, capsys):
     assert rejected == [(400, "prompt")] * 4 + [(400, "messages")]
     with capsys.disabled():
         print(f"\n[serve_hostile] 4 x 1 MiB prompts + a 20,000-message chat rejected in {busy:.2f} s; "
-              f"/health: {len(latencies)} probes, max {max(latencies) * 1000:.1f} ms; "
+              f"/health: {len(latencies)} probes, p95 {sorted(latencies)[int(0.95 * len(latencies))] * 1000:.1f} ms, "
+              f"max {max(latencies) * 1000:.1f} ms; "
               f"largest gap between stream events {max(gaps) * 1000:.1f} ms")
-    assert len(latencies) >= 3
-    assert max(latencies) < 0.5  # loose: the issue saw 5.9 s with the tokenizer on the event loop
+    # loose (a 2-core box shared with other jobs): the issue saw 2.4-5.9 s with the tokenizer on the event loop
+    assert len(latencies) >= 10
+    assert sorted(latencies)[int(0.95 * len(latencies))] < 0.25 and max(latencies) < 1.0
     assert text and max(gaps) < 2.0  # loose: the stream kept flowing (it stalled for seconds with the prompts
     # tokenized side by side on every core)
     assert_no_leak(live.engine)
