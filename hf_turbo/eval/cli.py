@@ -16,13 +16,15 @@ __all__ = ["add_arguments", "run", "options_from_args"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``hf-turbo eval`` options to ``parser`` (imports nothing heavy)."""
     from hf_turbo.eval.axes import ALL_FLAGS, AXIS_FLAGS
-    from hf_turbo.eval.options import QUICK_ARCHS
+    from hf_turbo.eval.options import QUICK_ARCHS, REGISTRY_ARCH
 
     parser.add_argument("--quick", action="store_true",
                         help=f"the fixture and {', '.join(QUICK_ARCHS)}, 6 prompts, 8 new tokens (minutes on a CPU)")
     parser.add_argument("--arch", default=None,
                         help="comma list of 'fixture' and/or transformers model types (tiny random models); "
-                             "'all' = every hf_turbo.testing.TINY_ARCHS model (default: fixture)")
+                             "'all' = every hf_turbo.testing.TINY_ARCHS model (default: fixture); "
+                             f"'{REGISTRY_ARCH}' = the exactness sweep over every causal-LM type in transformers' "
+                             f"registry, a table of all ('{REGISTRY_ARCH}=llama,gpt2' for some)")
     parser.add_argument("--model", default=None, metavar="PATH", help="a local decoder model directory")
     parser.add_argument("--draft-model", default=None, metavar="PATH",
                         help="draft model directory for --model's spec_draft axis")
@@ -63,11 +65,38 @@ def options_from_args(args: argparse.Namespace):
     return EvalOptions.quick(**kw) if args.quick else EvalOptions(**kw)
 
 
+def run_registry(spec: str, out: str | None = None, threads: int | None = 1, progress: bool = True) -> int:
+    """``--arch registry[=type,...]``: the registry sweep's table; 1 if any architecture is wrong or raises."""
+    import torch
+
+    from hf_turbo.eval.options import registry_types
+    from hf_turbo.eval.registry import BUGS, format_registry_table, run_sweep
+
+    types = registry_types(spec)
+    if threads:
+        torch.set_num_threads(threads)
+    rows = run_sweep(types, progress=progress)
+    table = format_registry_table(rows)
+    print(table)
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "registry.md").write_text(table + "\n")
+        print(f"\nwrote {path / 'registry.md'}")
+    bugs = [r.model_type for r in rows if r.result in BUGS]
+    if bugs:
+        print(f"\nsilently wrong or raising: {', '.join(bugs)}")
+    return 1 if bugs else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the eval; print the table; 0 if the contract holds, 1 if it fails (2: bad input, from the CLI)."""
+    from hf_turbo.eval.options import REGISTRY_ARCH
     from hf_turbo.eval.report import format_divergences, format_table, write_outputs
     from hf_turbo.eval.runner import run_eval
 
+    if args.arch is not None and args.arch.split("=")[0].strip() == REGISTRY_ARCH:
+        return run_registry(args.arch, args.out, args.threads or None, not args.no_progress)
     opts = options_from_args(args)
     results = run_eval(opts)
     print(format_table(results["rows"]))

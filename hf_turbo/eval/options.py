@@ -7,10 +7,30 @@ from dataclasses import dataclass
 
 from hf_turbo.eval.axes import ALL_FLAGS, AXIS_FLAGS
 
-__all__ = ["EvalOptions", "QUICK_ARCHS", "DEFAULT_NUM_PROMPTS"]
+__all__ = ["EvalOptions", "QUICK_ARCHS", "DEFAULT_NUM_PROMPTS", "REGISTRY_ARCH", "registry_types"]
 
 QUICK_ARCHS = ("gpt2", "gemma2", "qwen3")  # learned positions; softcap + sliding window; qk-norm
 DEFAULT_NUM_PROMPTS = 16
+REGISTRY_ARCH = "registry"  # --arch registry[=type,...]: the sweep of hf_turbo.eval.registry
+
+
+def registry_types(spec: str) -> list[str] | None:
+    """The model types of ``--arch registry[=a,b]``: None for the whole registry, else the listed ones
+    (ValueError naming any that transformers has no causal-LM head for)."""
+    from hf_turbo.testing.registry import registry_model_types
+
+    name, _, listed = spec.partition("=")
+    if name.strip() != REGISTRY_ARCH:
+        raise ValueError(f"--arch {spec!r} is not '{REGISTRY_ARCH}' or '{REGISTRY_ARCH}=type,...'")
+    types = [t.strip() for t in listed.split(",") if t.strip()]
+    if not listed.strip():
+        return None
+    known = set(registry_model_types())
+    unknown = [t for t in types if t not in known]
+    if unknown:
+        raise ValueError(f"--arch {REGISTRY_ARCH}=...: {unknown[0]!r} is not a causal-LM model_type of this "
+                         "transformers (see MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)")
+    return types
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16"}
 
