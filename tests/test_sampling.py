@@ -50,6 +50,7 @@ def _random_batch(g: torch.Generator, n: int, vocab: int, scale: float, ties: bo
         x[torch.rand(n, vocab, generator=g) < 0.3] = -math.inf
     rand = lambda: float(torch.rand(1, generator=g))  # noqa: E731
     top_k = [int(torch.randint(1, min(vocab, 80) + 1, (1,), generator=g)) if rand() < 0.5 else 0 for _ in range(n)]
+    top_k = [vocab + 3 if k and rand() < 0.1 else k for k in top_k]  # more than the vocabulary
     top_p = [rand() * 0.999 + 0.001 if rand() < 0.6 else 1.0 for _ in range(n)]
     min_p = [rand() * 0.5 if rand() < 0.3 else 0.0 for _ in range(n)]
     keep = [i for i in range(n) if top_k[i] or top_p[i] < 1.0 or min_p[i]]
@@ -211,6 +212,27 @@ def test_penalties_and_bias_arithmetic():
     result = sample(logits, [RowState(p, position=3, seed=0, history=[1, 1, 2, 2, 2, 3])], return_scores=True)
     assert result.scores(0).tolist() == [0.0, 0.0, -1.0, -0.75, 2.0, -100.0]
     assert result.tokens.tolist() == [4]
+
+
+def test_repetition_penalty_and_min_new_tokens_bitwise_like_transformers():
+    """Rows with different penalties and histories (duplicates, lengths) in one batch: each row's processed
+    scores equal transformers' processors on that row alone, bit for bit."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=g) * 3
+    hists = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 7, 40, 40, 3, 12)]
+    pens = [1.3, 0.7, 1.0, 1.15, 2.0, 1.3]
+    rows = [RowState(SamplingParams(repetition_penalty=p, min_new_tokens=4), position=i, seed=0, history=h,
+                     eos_ids=(7, 9)) for i, (p, h) in enumerate(zip(pens, hists))]
+    result = sample(logits, rows, return_scores=True)
+    for i, (p, h) in enumerate(zip(pens, hists)):
+        want = logits[i:i + 1]
+        if p != 1.0:
+            want = RepetitionPenaltyLogitsProcessor(p)(torch.tensor([h]), want)
+        want = MinNewTokensLengthLogitsProcessor(0, 4, [7, 9])(torch.zeros(1, i, dtype=torch.long), want)
+        assert torch.equal(result.scores(i), want[0]), i
+        assert int(result.tokens[i]) == int(want.argmax())
 
 
 @pytest.mark.parametrize("temperature", [1e-39, 1e-45, 5e-324, 1e-30])

@@ -110,13 +110,14 @@ def _decide(x: torch.Tensor, k_cand: int, top_k: list[int], top_p: list[float], 
     top = vals[:, :1]
     keep = vals > _NEG_INF
     ok = torch.ones(n, dtype=torch.bool, device=device)
-    open_tail = torch.full((n,), k_cand < vocab, dtype=torch.bool, device=device)  # tokens outside may be kept
+    # tokens outside the candidates may be kept (not when the last candidate is already -inf)
+    open_tail = (vals[:, -1] > _NEG_INF) & (k_cand < vocab)
     pos = torch.arange(k_cand, device=device)
     if any(k > 0 for k in top_k):
         has_k = _col([k > 0 for k in top_k], torch.bool, device)
         kk = torch.tensor([min(max(k, 1), vocab, k_cand) - 1 for k in top_k], device=device).reshape(-1, 1)
         kth = vals.gather(1, kk)
-        fits = _col([k <= k_cand for k in top_k], torch.bool, device)
+        fits = _col([min(k, vocab) <= k_cand for k in top_k], torch.bool, device)
         # the K-th candidate tying the k-th: equal scores may continue outside the candidates
         spill = (vals[:, -1:] == kth) & (kth > _NEG_INF) & (k_cand < vocab)
         ok &= ~(has_k & (~fits | spill)).squeeze(1)

@@ -39,11 +39,9 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
         width = max(len(h) for h in hist)
         ids = torch.tensor([h + [h[0]] * (width - len(h)) for h in hist], dtype=torch.long, device=device)
         pen = torch.tensor([[rows[i].params.repetition_penalty] for i in rep], dtype=torch.float32, device=device)
-        idx = torch.tensor(rep, dtype=torch.long, device=device)
-        sub = scores.index_select(0, idx)
-        s = sub.gather(1, ids)
-        s = torch.where(s < 0, s * pen, div_like_scalar(s, pen))
-        scores.index_copy_(0, idx, sub.scatter(1, ids, s))
+        at = (torch.tensor(rep, dtype=torch.long, device=device)[:, None], ids)  # [r, 1], [r, L]
+        s = scores[at]
+        scores[at] = torch.where(s < 0, s * pen, div_like_scalar(s, pen))
     r_idx, t_idx, add = [], [], []
     for i, row in enumerate(rows):
         p = row.params

@@ -19,13 +19,15 @@ from hf_turbo.sampling.filters import candidate_filter, reference_filter
 from hf_turbo.sampling.noise import perturbed_argmax, row_keys
 from hf_turbo.sampling.params import RowState
 from hf_turbo.sampling.processors import apply_penalties, scale_by_temperature
+from hf_turbo.sampling.workspace import scratch
 
 __all__ = ["sample", "process_logits", "SampleResult"]
 
 
 class SampleResult:
     """The sampler's output: ``tokens`` (int64 [N], on the host) and, on demand, the processed scores of a
-    row (what HF's ``output_scores`` holds: -inf where a filter removed the token)."""
+    row (what HF's ``output_scores`` holds: -inf where a filter removed the token). The scores may live in
+    the sampler's scratch buffers: read (or clone) them before the next ``sample`` call in this thread."""
 
     def __init__(self, tokens: torch.Tensor, scores: torch.Tensor, dense: dict[int, torch.Tensor]) -> None:
         self.tokens = tokens
@@ -54,7 +56,9 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], return_scores: bool =
     host; with ``return_scores`` a :class:`SampleResult` (tokens plus each row's processed scores)."""
     scores = logits.float()
     if _needs_processing(rows):
-        scores = apply_penalties(scores.clone() if scores is logits else scores, rows)
+        if scores is logits:  # the caller keeps its logits (raw logits, logprobs)
+            scores = scratch("processed", tuple(logits.shape), torch.float32, logits.device).copy_(logits)
+        scores = apply_penalties(scores, rows)
     n, vocab = scores.shape
     device = scores.device
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
