@@ -78,9 +78,22 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     if ctx is None:
         return _plain_attention(module, query, key, value, attention_mask, scaling, dropout,
                                 sliding_window, softcap, **kwargs)
-    layer = _written_layer(module, key, value, ctx, kwargs)
+    layer, tiles = _written_layer(module, key, value, ctx)
     if ctx.seen_windows is not None:
         ctx.seen_windows[layer] = sliding_window
+    if tiles == 1:
+        return _engine_attention(module, query, key, value, ctx, layer, scaling, sliding_window, softcap, kwargs), None
+    # K/V tiled over the heads (jetmoe: key.repeat(1, r, 1, 1)): query head e * H_kv + h reads KV head h; the
+    # kernels read head j // r, so regroup the query heads as h * r + e and the output back.
+    _, h_q, t, d = query.shape
+    query = query.view(1, tiles, h_q // tiles, t, d).transpose(1, 2).reshape(1, h_q, t, d)
+    _, written_k, written_v = ctx.last_write
+    out = _engine_attention(module, query, written_k, written_v, ctx, layer, scaling, sliding_window, softcap, kwargs)
+    return out.view(1, t, h_q // tiles, tiles, d).transpose(2, 3).reshape(1, t, h_q, d), None
+
+
+def _engine_attention(module, query, key, value, ctx, layer, scaling, sliding_window, softcap, kwargs) -> torch.Tensor:
+    """Attention inside an engine forward over cache layer ``layer``'s pools; returns [1, T, H, D]."""
     sinks = kwargs.get("s_aux")
     if sinks is not None:
         if softcap is not None:
@@ -89,33 +102,38 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         if use_triton(ctx.backend, query):
             raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which hf_turbo's Triton "
                              "paged attention does not implement")
-        return _paged_sink_attention(query, *ctx.cache.layer_pools(layer), ctx, scaling, sliding_window, sinks), None
+        return _paged_sink_attention(query, *ctx.cache.layer_pools(layer), ctx, scaling, sliding_window, sinks)
     k_pool, v_pool = ctx.cache.layer_pools(layer)
     # query: [1, H, T, D] -> [T, H, D]
     q = query[0].transpose(0, 1).contiguous()
     if ctx.seqs is not None and not use_triton(ctx.backend, q):
-        return _contiguous_attention(layer, q, key, value, ctx, k_pool, v_pool, scaling,
-                                     sliding_window, softcap), None
+        return _contiguous_attention(layer, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap)
     out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                           scale=scaling, sliding_window=sliding_window, softcap=softcap,
                           max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
                           max_context_len=ctx.max_context_len, plan_cache=ctx.plan_cache)
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0)
 
 
-def _written_layer(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, ctx, kwargs: dict) -> int:
-    """The cache layer whose pools hold this call's keys and values: the one the latest
-    ``PagedKVCache.update`` wrote ``key``/``value`` to (hrm_text writes cycle c of layer i to slot
-    i + c * n, not to ``module.layer_idx``). The kernels read K/V from the pools, not from the
+def _written_layer(module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, ctx) -> tuple[int, int]:
+    """(cache layer, tiles): the layer whose pools hold this call's keys and values, the one the latest
+    ``PagedKVCache.update`` wrote them to (hrm_text writes cycle c of layer i to slot i + c * n, not to
+    ``module.layer_idx``), and how many times the call's K/V repeat the written heads (1, or jetmoe's
+    ``repeat(1, r, 1, 1)``, checked by value). The kernels read K/V from the pools, not from the
     arguments, so a call over other tensors (K/V changed after the update, as diffllama's split values,
     or another layer's) cannot be computed here: ValueError, which the accelerate() probe reports as
     the reason to refuse the model."""
     written = ctx.last_write
-    if written is None or written[1] is not key or written[2] is not value:
-        raise ValueError(f"{type(module).__name__} attends over keys/values other than those it has just written "
-                         "to the cache (changed after cache.update, or another layer's), which hf_turbo's paged "
-                         "attention cannot reproduce")
-    return written[0]
+    if written is not None and written[1] is key and written[2] is value:
+        return written[0], 1
+    if written is not None and key.shape[1] % written[1].shape[1] == 0 and key.shape[2:] == written[1].shape[2:]:
+        tiles = key.shape[1] // written[1].shape[1]
+        if tiles > 1 and all(torch.equal(got, new.repeat(1, tiles, 1, 1))
+                             for got, new in ((key, written[1]), (value, written[2]))):
+            return written[0], tiles
+    raise ValueError(f"{type(module).__name__} attends over keys/values other than those it has just written "
+                     "to the cache (changed after cache.update, or another layer's), which hf_turbo's paged "
+                     "attention cannot reproduce")
 
 
 def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap):
