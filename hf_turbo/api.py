@@ -76,7 +76,7 @@ def _ensure_turbo_attention(model) -> None:
 def _check_packed_forward(model, backend: str) -> None:
     """Switch the model to the "hf_turbo" attention after the probe has shown the engine's packed paged
     forward gives the model's own logits (:mod:`hf_turbo.engine.probe`); else put the attention back
-    and raise ValueError saying what differed. Costs about as much as generating 3 tokens."""
+    and raise ValueError saying what differed. Costs about as much as generating 6 tokens."""
     from hf_turbo.engine.probe import probe_packed_forward
 
     original_attn = model.config._attn_implementation
@@ -98,7 +98,7 @@ def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, 
 
     ``probe`` (default True): before anything is patched, run the model stock and as the engine
     runs it on two short prompts and one decode step (:mod:`hf_turbo.engine.probe`; about the
-    cost of generating 3 tokens) and refuse a model whose logits differ. Turn it off only for a
+    cost of generating 6 tokens) and refuse a model whose logits differ. Turn it off only for a
     model already checked in this configuration.
 
     Raises:

@@ -9,10 +9,11 @@ that way, or raises. Rather than list such families by name, :func:`probe_packed
 model both ways on a few tokens and compares, so an architecture released next month is judged by
 what it does.
 
-Cost: four stock forwards (two prompts of ``PROBE_PROMPT_LENS`` tokens, then one decode token each,
-through the model's own cache) and two packed forwards (8 tokens, then 2) on a scratch paged cache
-of a few blocks: about the work of generating 3 tokens for two short prompts; on a 70B model a
-fraction of a second on a GPU, and no memory beyond a dozen tokens' K/V.
+Cost: six forwards of at most 8 tokens (four stock: two prompts of ``PROBE_PROMPT_LENS`` tokens,
+then one decode token each through the model's own cache; two packed: 8 tokens, then 2) on a scratch
+paged cache of a few blocks, about what generating 6 tokens costs; on a 70B model a fraction of a
+second on a GPU and no memory beyond a dozen tokens' K/V. Measured on the 3M-parameter fixture
+(CPU, one thread): 64 ms, against 28 ms for a stock 3-token generate().
 """
 
 from __future__ import annotations
