@@ -8,6 +8,7 @@ tqdm bar; ``add_request`` / ``step`` / ``abort`` drive custom loops (the async e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -22,6 +23,7 @@ from hf_turbo.config import TurboConfig
 from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.engine.stops import StopStringMatcher, byte_pieces, cut_at_stops
 from hf_turbo.kernels import cpu_ext
 from hf_turbo.sampling import RowState, SampleResult, SamplingParams, random_seed, sample, validate_vocab
 from hf_turbo.spec.decoder import SpecDecoder
@@ -362,17 +364,28 @@ class Engine:
             self.check_invariants()
         return outputs
 
+    @functools.cached_property
+    def _stop_pieces(self) -> list[bytes] | None:
+        return byte_pieces(self.tokenizer)
+
+    def _stop_matcher(self, req: Request) -> StopStringMatcher:
+        """The request's stop-string matcher (built on its first token; the tokenizer's pieces once)."""
+        if req.stop_matcher is None:
+            req.stop_matcher = StopStringMatcher(self.tokenizer, req.params.stop, self._stop_pieces)
+            for t in req.output_ids[:-1]:  # none normally: built when the first output token arrives
+                req.stop_matcher.push(t)
+        return req.stop_matcher
+
     def _check_finish(self, req: Request, tok: int) -> str | None:
+        # stop strings first: the matcher sees every token, so the final text includes this one
         p = req.params
         n = req.num_output_tokens
+        if p.stop and self.tokenizer is not None and self._stop_matcher(req).push(tok):
+            return "stop"
         if n >= p.min_new_tokens and (tok in req.eos_ids or tok in p.stop_token_ids):
             return "stop"
         if req.stop_checker is not None and req.stop_checker(req.output_ids):
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-            if any(s in text for s in p.stop):
-                return "stop"
         if n >= p.max_new_tokens:
             return "length"
         return None
@@ -380,12 +393,10 @@ class Engine:
     def _detok(self, req: Request) -> str | None:
         if self.tokenizer is None:
             return None
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
-        for s in req.params.stop:
-            cut = text.find(s)
-            if cut >= 0:
-                text = text[:cut]
-        return text
+        m = req.stop_matcher
+        if m is not None and len(m.ids) == req.num_output_tokens:
+            return m.final_text()
+        return cut_at_stops(self.tokenizer.decode(req.output_ids, skip_special_tokens=True), req.params.stop)
 
     def check_invariants(self) -> None:
         """Block-pool bookkeeping plus: every block reference is held by a running request (waiting and

@@ -6,11 +6,15 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from hf_turbo.cache.block_pool import hash_block_tokens
 from hf_turbo.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from hf_turbo.engine.stops import StopStringMatcher
 
 __all__ = ["Request", "RequestStatus", "RequestOutput"]
 
@@ -74,6 +78,7 @@ class Request:
     num_preemptions: int = 0
     error: BaseException | None = None
     stop_checker: Callable[[list[int]], bool] | None = None  # extra stop rule on the output ids
+    stop_matcher: StopStringMatcher | None = None  # stop strings over the output ids (engine, params.stop)
     scores: list[torch.Tensor] | None = None  # processed scores per token (HF output_scores)
     raw_logits: list[torch.Tensor] | None = None  # raw logits per token (HF output_logits)
     spec_tokens: list[int] = field(default_factory=list)  # proposals verified by this step (speculation)
