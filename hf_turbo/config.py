@@ -16,8 +16,10 @@ _SPEC_METHODS = ("draft", "ngram")
 class CacheConfig:
     """Paged KV cache sizing.
 
-    ``num_blocks`` wins when given. Otherwise the pool takes ``gpu_memory_fraction`` of the free
-    device memory on CUDA, or ``cpu_kv_bytes`` on the CPU, capped at twice the blocks that
+    ``num_blocks`` wins when given. Otherwise on CUDA the pool takes what is left of
+    ``gpu_memory_fraction`` of the device's total memory after what is in use (weights, context) and
+    the peak of a profiling forward at the step token budget (``engine/memory.py``); on the CPU it
+    takes ``cpu_kv_bytes``; capped at twice the blocks that
     ``max_num_seqs`` sequences of the model's maximum length need. On the CPU the running sequences
     also keep a contiguous copy of their K/V (``cache/contiguous.py``): up to as much memory again
     as their blocks hold, allocated as they grow and freed when they finish.

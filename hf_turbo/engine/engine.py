@@ -20,6 +20,7 @@ import torch
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache, kv_layout
 from hf_turbo.config import TurboConfig
+from hf_turbo.engine.memory import cuda_kv_budget
 from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
@@ -37,7 +38,7 @@ PromptType = str | Sequence[int]
 
 
 def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) -> int:
-    """Blocks the KV budget affords: explicit, a fraction of free CUDA memory, or a CPU byte budget.
+    """Blocks the KV budget affords: explicit, CUDA memory left after a profiling forward, or a CPU byte budget.
 
     ``extra_bytes_per_block``: memory that goes with each block elsewhere (a draft model's own
     pool of the same block count), so both fit the one budget.
@@ -49,8 +50,9 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
     per_block = PagedKVCache.bytes_per_block(model.config, cc.block_size, dtype) + extra_bytes_per_block
     device = next(model.parameters()).device
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cc.gpu_memory_fraction)
+        # a forward longer than the model's positions would fail (absolute position embeddings)
+        tokens = min(config.max_num_batched_tokens, config.max_model_len or _model_max_len(model) or 1 << 30)
+        budget = cuda_kv_budget(model, cc.gpu_memory_fraction, tokens)
     else:
         budget = cc.cpu_kv_bytes
     blocks = max(1, budget // per_block)

@@ -48,7 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens the draft proposes per step (with --draft-model)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the model repository's own Python code to run")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto | float32 | bfloat16 | float16 (auto, the default: the checkpoint's dtype on "
+                             "CUDA, bfloat16 for a float32 checkpoint; float32 on the CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                        help="fraction of the GPU's memory for weights, a step's activations and the KV cache; "
+                             "the KV pool gets what is left after a profiling forward (default 0.85)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cap on prompt + generated tokens per request (default: the model's maximum)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
 
 
@@ -56,7 +63,7 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     for name in ("max_batch_tokens", "max_num_seqs", "max_waiting", "num_blocks", "max_body_bytes",
-                 "num_speculative_tokens"):
+                 "num_speculative_tokens", "max_model_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -64,8 +71,24 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not value > 0:  # NaN too
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:  # NaN too
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if not (isinstance(args.dtype, str) and args.dtype.lower() == "auto"):
+        from hf_turbo.loading import parse_dtype
+
+        try:
+            parse_dtype(args.dtype)
+        except ValueError:
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}") from None
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
+
+
+def _check_max_model_len(value: int | None, model) -> None:
+    """Refuse a cap above the model's positions: past them its outputs are not the model's."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if value is not None and limit is not None and value > limit:
+        raise ValueError(f"--max-model-len {value} exceeds the model's max_position_embeddings {limit}")
 
 
 def _chat_template(value: str | None) -> str | None:
@@ -88,12 +111,15 @@ def build_app(args: argparse.Namespace):
     template = _chat_template(args.chat_template)
     overrides = {k: v for k, v in (("max_num_batched_tokens", args.max_batch_tokens),
                                    ("max_num_seqs", args.max_num_seqs), ("max_waiting", args.max_waiting),
-                                   ("num_blocks", args.num_blocks)) if v is not None}
+                                   ("num_blocks", args.num_blocks), ("max_model_len", args.max_model_len),
+                                   ("gpu_memory_fraction", args.gpu_memory_utilization)) if v is not None}
     config = TurboConfig().replace(**overrides)
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
                                           trust_remote_code=args.trust_remote_code)
+    _check_max_model_len(args.max_model_len, model)
     if args.draft_model is not None:
-        draft, draft_tok = load_model_and_tokenizer(args.draft_model, dtype=args.dtype, device=args.device,
+        # the target's resolved dtype: "auto" could pick another for the draft's checkpoint
+        draft, draft_tok = load_model_and_tokenizer(args.draft_model, dtype=model.dtype, device=args.device,
                                                     trust_remote_code=args.trust_remote_code)
         spec = SpeculativeConfig(method="draft", draft_model=draft, draft_tokenizer=draft_tok,
                                  num_tokens=args.num_speculative_tokens)

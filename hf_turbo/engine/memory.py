@@ -1,0 +1,72 @@
+"""Sizing the KV pool on CUDA: what the device has left after the weights and a profiling forward.
+
+``CacheConfig.gpu_memory_fraction`` (``--gpu-memory-utilization``) is the share of the device's
+total memory this process may fill: the weights and everything else already resident, plus the
+peak of one forward at the step token budget, plus the KV pool. The pool gets the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["kv_budget_bytes", "profile_forward_peak", "cuda_kv_budget"]
+
+_GIB = 1 << 30
+
+
+def kv_budget_bytes(total: int, free: int, forward_peak: int, fraction: float) -> int:
+    """Bytes the KV pool may take: ``fraction * total`` minus what is in use and a forward's peak.
+
+    ``total``/``free`` as ``torch.cuda.mem_get_info`` reports them after the weights loaded (the used
+    part also counts the CUDA context and other processes), ``forward_peak`` the extra memory a
+    forward at the token budget allocates at its peak. ValueError when nothing is left for the pool.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+    if total <= 0 or not 0 <= free <= total or forward_peak < 0:
+        raise ValueError(f"inconsistent memory reading: total={total}, free={free}, forward_peak={forward_peak}")
+    in_use = total - free
+    budget = int(total * fraction) - in_use - forward_peak
+    if budget <= 0:
+        raise ValueError(
+            f"gpu_memory_fraction {fraction} leaves no room for the KV cache: {fraction * total / _GIB:.2f} GiB "
+            f"allowed, {in_use / _GIB:.2f} GiB in use (weights, context, other processes) and "
+            f"{forward_peak / _GIB:.2f} GiB for a forward at the step token budget; raise "
+            "--gpu-memory-utilization or lower --max-batch-tokens")
+    return budget
+
+
+@torch.inference_mode()
+def profile_forward_peak(model, num_tokens: int) -> int:
+    """Peak bytes one plain forward of ``num_tokens`` tokens allocates beyond what is resident (CUDA only)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"the profiling forward runs on CUDA only; the model is on {device}")
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, num_tokens), device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    # logits of the last position only, as an engine step computes logits only for sampled rows
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del ids
+    torch.cuda.empty_cache()
+    return max(0, peak)
+
+
+def cuda_kv_budget(model, fraction: float, num_tokens: int) -> int:
+    """The KV budget of a CUDA model: its device's memory reading after a profiling forward."""
+    device = next(model.parameters()).device
+    peak = profile_forward_peak(model, num_tokens)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = kv_budget_bytes(total, free, peak, fraction)
+    logger.info("KV budget %.2f GiB: %.0f%% of %.2f GiB minus %.2f GiB in use and a %.2f GiB forward peak "
+                "(%d tokens)", budget / _GIB, 100 * fraction, total / _GIB, (total - free) / _GIB, peak / _GIB,
+                num_tokens)
+    return budget
