@@ -80,10 +80,15 @@ def byte_pieces(tokenizer, skip_special_tokens: bool = True) -> list[bytes] | No
             else:
                 pieces.append(token.encode("utf-8"))
         singles = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=skip_special_tokens)
+        # added and special ids through the Python decode too: where it could treat them differently
+        added = set(backend.get_added_tokens_decoder()) | set(getattr(tokenizer, "all_special_ids", ()))
+        python_singles = {i: tokenizer.decode([i], skip_special_tokens=skip_special_tokens)
+                          for i in added if 0 <= i < size}
     except Exception as exc:  # an exotic tokenizer: the full decode stays correct
         logger.info("stop strings: full decode per token (%s: %s)", type(exc).__name__, exc)
         return None
-    if any(p.decode("utf-8", "replace") != s for p, s in zip(pieces, singles)):
+    if any(p.decode("utf-8", "replace") != s for p, s in zip(pieces, singles)) \
+            or any(pieces[i].decode("utf-8", "replace") != s for i, s in python_singles.items()):
         return None
     return pieces
 
