@@ -144,3 +144,25 @@ def test_kv_sizing_uses_the_profiled_budget_on_cuda(monkeypatch):
 def test_profiling_forward_is_cuda_only():
     with pytest.raises(ValueError, match="CUDA only"):
         profile_forward_peak(tiny_model("llama"), 8)
+
+
+@pytest.mark.gpu
+def test_cuda_auto_load_and_profiled_kv_pool(tmp_path):
+    """On a GPU: a float32 checkpoint loads as bfloat16 straight onto the card, the KV pool is sized
+    after a profiling forward within the memory share, and greedy generation runs."""
+    import hf_turbo
+    from hf_turbo import Engine, SamplingParams
+    from hf_turbo.engine.memory import cuda_kv_budget
+
+    model, tok = load_model_and_tokenizer(_checkpoint(tmp_path, torch.float32))
+    assert model.dtype == torch.bfloat16 and all(p.device.type == "cuda" for p in model.parameters())
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    _, total = torch.cuda.mem_get_info()
+    assert profile_forward_peak(model, 256) > 0
+    assert 0 < cuda_kv_budget(model, 0.5, 256) < 0.5 * total
+    try:
+        engine = Engine(model, tok, max_num_batched_tokens=256)
+        out = engine.generate(["def f(x):"], SamplingParams(max_new_tokens=8), use_tqdm=False)[0]
+        assert len(out.token_ids) == 8
+    finally:
+        hf_turbo.restore(model)
