@@ -439,30 +439,39 @@ class Engine:
             for rid in ids:
                 self.abort(rid)
             raise
-        results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(ids), desc="hf_turbo", unit="req", dynamic_ncols=True)
         try:
-            pending = set(ids)
-            while pending:
-                for out in self.step():
-                    if out.finished and out.request_id in pending:
-                        results[out.request_id] = out
-                        pending.discard(out.request_id)
-                        if bar is not None:
-                            bar.update(1)
-        except BaseException:
-            for rid in ids:
-                if rid not in results:
-                    self.abort(rid)
-            raise
+            return self.run_to_completion(ids, None if bar is None else lambda out: out.finished and bar.update(1))
         finally:
             if bar is not None:
                 bar.close()
-        return [results[rid] for rid in ids]
+
+    def run_to_completion(self, request_ids: Sequence[str], on_output=None) -> list[RequestOutput]:
+        """Step until every request in ``request_ids`` has finished; outputs in that order.
+
+        ``on_output(out)`` sees each of their step outputs (streaming). On any error or interrupt the
+        unfinished ones are aborted (their blocks freed) before it propagates."""
+        results: dict[str, RequestOutput] = {}
+        pending = set(request_ids)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id not in pending:
+                        continue
+                    if on_output is not None:
+                        on_output(out)
+                    if out.finished:
+                        results[out.request_id] = out
+                        pending.discard(out.request_id)
+        except BaseException:
+            for rid in pending:
+                self.abort(rid)
+            raise
+        return [results[rid] for rid in request_ids]
 
     def stats(self) -> dict:
         pool = self.pool

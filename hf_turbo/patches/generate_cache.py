@@ -45,11 +45,7 @@ def export_cache(model, engine, sequences: torch.Tensor, mask: torch.Tensor, row
             if cols[i].numel():
                 rids.append(engine.add_request(sequences[i, cols[i]].tolist(), params, on_finish=keep(i, len(cols[i])),
                                                model_inputs=row_inputs[i] if row_inputs else None))
-        pending = set(rids)
-        while pending:
-            for out in engine.step():
-                if out.finished:
-                    pending.discard(out.request_id)
+        engine.run_to_completion(rids)
     except BaseException:
         for rid in rids:
             engine.abort(rid)

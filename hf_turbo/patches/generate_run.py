@@ -208,30 +208,20 @@ def run_on_engine(model, engine, call: GenerateCall):
 
 def _drive(engine, rids: list[str], streamer, input_ids: torch.Tensor) -> list:
     """Step the engine until every request in ``rids`` finished; streams batch-1 tokens."""
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
-    outs = {}
-    pending = set(rids)
+    if streamer is None:
+        return engine.run_to_completion(rids)
+    streamer.put(input_ids.cpu())
     sent = 0  # tokens streamed (the streamer takes batch 1 only)
+
+    def stream(out) -> None:  # a speculative step may bring several tokens
+        nonlocal sent
+        streamer.put(torch.tensor(out.token_ids[sent:]))
+        sent = len(out.token_ids)
+
     try:
-        while pending:
-            for out in engine.step():
-                if out.request_id not in pending:
-                    continue
-                if streamer is not None:  # a speculative step may bring several tokens
-                    streamer.put(torch.tensor(out.token_ids[sent:]))
-                    sent = len(out.token_ids)
-                if out.finished:
-                    outs[out.request_id] = out
-                    pending.discard(out.request_id)
-    except BaseException:
-        for rid in pending:
-            engine.abort(rid)
-        raise
+        return engine.run_to_completion(rids, stream)
     finally:
-        if streamer is not None:
-            streamer.end()
-    return [outs[r] for r in rids]
+        streamer.end()
 
 
 def _stack(results: list, attr: str, longest: int, device) -> tuple[torch.Tensor, ...]:
