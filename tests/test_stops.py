@@ -162,7 +162,7 @@ def test_engine_stops_like_the_full_decode_and_decodes_once():
         engine = Engine(model, tok)
         prompt = "def f(x):"
         free = engine.generate([prompt], SamplingParams(max_new_tokens=40), use_tqdm=False)[0]
-        assert engine._stop_pieces is not None  # derived once per engine, before the counting starts
+        assert engine.book._stop_pieces is not None  # derived once per engine, before the counting starts
         calls = []
         original = tok.decode
         text = free.text

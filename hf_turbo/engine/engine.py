@@ -8,7 +8,6 @@ tqdm bar; ``add_request`` / ``step`` / ``abort`` drive custom loops (the async e
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -20,13 +19,13 @@ import torch
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache, kv_layout
 from hf_turbo.config import TurboConfig
+from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
 from hf_turbo.engine.memory import cuda_kv_budget
-from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
+from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
-from hf_turbo.engine.stops import StopStringMatcher, byte_pieces, cut_at_stops
 from hf_turbo.kernels import cpu_ext
-from hf_turbo.sampling import RowState, SampleResult, SamplingParams, random_seed, sample, validate_vocab
+from hf_turbo.sampling import SamplingParams, random_seed, sample, validate_vocab
 from hf_turbo.spec.decoder import SpecDecoder
 from hf_turbo.spec.proposers import validate_draft
 
@@ -79,27 +78,6 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
-def _logprob_entries(logits: torch.Tensor, asks: list[tuple[int, int]],
-                     tokens: list[int]) -> dict[int, dict[int, float]]:
-    """Per asking row ``(row, n)``: the sampled token's log-probability and the ``n`` most likely tokens', from
-    the raw logits; all rows' figures reach the host in one copy."""
-    if not asks:
-        return {}
-    idx = torch.tensor([r for r, _ in asks], device=logits.device)
-    logp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor([[tokens[r]] for r, _ in asks], device=logits.device))
-    width = max(n for _, n in asks)
-    top = torch.topk(logp, min(width, logp.shape[-1]), dim=-1) if width else None
-    parts = [chosen.double()] + ([top.values.double(), top.indices.double()] if top is not None else [])
-    host = torch.cat(parts, dim=1).tolist()  # indices < 2**53: exact in float64
-    out = {}
-    for (row, n), vals in zip(asks, host):
-        entry = {tokens[row]: vals[0]}
-        entry.update(zip((int(t) for t in vals[1 + width:1 + width + n]), vals[1:1 + n]))
-        out[row] = entry
-    return out
-
-
 class Engine:
     """Continuous-batching engine over a stock transformers causal LM.
 
@@ -144,10 +122,12 @@ class Engine:
         if self.device.type == "cpu":
             cpu_ext.available()  # build (once per machine) and check the C++ CPU helpers now, untimed
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
-        self.requests: dict[str, Request] = {}
+        self.book = Bookkeeper(self.scheduler, tokenizer, None if self.spec is None else self.spec.accept,
+                               None if self.spec is None else self.spec.release)
+        self.requests: dict[str, Request] = self.book.requests
         self._ids = itertools.count()
         self.num_steps = 0
-        self.num_generated_tokens = 0
+        self._step_start = 0.0  # when the running step's forward began (speculation's cost model)
         self.num_prompt_tokens = 0
         logger.info("Engine: %d KV blocks of %d tokens (%s, %s)", nblocks, config.cache.block_size,
                     param.dtype, self.device)
@@ -228,13 +208,7 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its output (finish_reason 'abort')."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        req.finish_reason = "abort"
-        req.finish_time = time.perf_counter()
-        self._forget(req, RequestStatus.ABORTED)
-        return req.to_output(self._detok(req))
+        return self.book.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -246,87 +220,40 @@ class Engine:
         With speculation, running requests first get proposals (``spec_tokens``) that the same
         forward verifies; a request may then gain several tokens in one step (``hf_turbo.spec``).
         """
+        plan = self._schedule()
+        if plan is None:
+            return []
+        logits = self._run(plan)
+        return self._after_step(self._postprocess(plan, logits))
+
+    def _schedule(self) -> StepPlan | None:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, len(self.scheduler.waiting))
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler cannot admit the first waiting request (KV pool too small)")
-            return []
-        # logits of a request whose chunk reaches its end: its last token and each proposal after it
-        rows = [list(range(n - 1 - len(req.spec_tokens), n))
-                if req.num_computed + n == req.num_tokens + len(req.spec_tokens) else []
-                for req, n in sched.scheduled]
-        start = time.perf_counter()
+            return None
+        return plan_step(sched)
+
+    def _run(self, plan: StepPlan) -> torch.Tensor:
+        self._step_start = time.perf_counter()
         try:
-            logits = self.runner.execute(sched.scheduled, rows)
+            logits = self.runner.execute(plan.sched.scheduled, plan.rows)
         except Exception as exc:
-            # fail the requests of this step; the engine keeps serving the rest
-            for req, _ in sched.scheduled:
-                req.error = exc
-                req.finish_reason = "abort"
-                self._forget(req, RequestStatus.ABORTED)
+            self.book.fail(plan.sched.scheduled, exc)
             raise
         self.num_steps += 1
-        sampled = [(i, req) for i, (req, _) in enumerate(sched.scheduled) if rows[i]]
-        if not sampled:
-            self.scheduler.commit(sched)
-            return self._after_step([])
-        # the target's choice at every row: position p + j of a request sees its proposals before j
-        states = [RowState(req.params, req.num_output_tokens + j, req.seed,
-                           req.token_ids + req.spec_tokens[:j] if req.params.needs_history else None, req.eos_ids,
-                           getattr(req, "logits_hook", None))
-                  for i, req in sampled for j in range(len(rows[i]))]
-        scores = sample(logits, states, return_scores=True)
-        tokens = scores.tokens.tolist()
-        if self.spec is not None:
-            self.spec.observe_step(sched.num_tokens, time.perf_counter() - start)
-        row_reqs = [req for i, req in sampled for _ in rows[i]]
-        logp = _logprob_entries(logits, [(r, req.params.logprobs) for r, req in enumerate(row_reqs)
-                                         if req.params.logprobs is not None], tokens)
-        now = time.perf_counter()
-        row = 0
-        for i, req in sampled:
-            k = len(req.spec_tokens)
-            choices = tokens[row:row + k + 1]
-            emit = self.spec.accept(req, choices) if k else choices
-            kept = self._append(req, emit, row, logits, scores, logp, now)
-            # keep the KV of the accepted tokens only: rejected proposals are recomputed over later
-            n = sched.scheduled[i][1]
-            sched.scheduled[i] = (req, n - k + min(len(emit) - 1, kept))
-            req.spec_tokens.clear()
-            row += k + 1
-        self.scheduler.commit(sched)  # hashes only accepted tokens into the prefix cache
-        outputs = []
-        for _, req in sampled:
-            if req.finish_reason is not None:
-                self._forget(req, RequestStatus.FINISHED)
-            elif self.spec is not None:
-                self.scheduler.trim(req)
-            outputs.append(req.to_output(self._detok(req) if req.finish_reason else None))
-        return self._after_step(outputs)
+        return logits
 
-    def _append(self, req: Request, tokens: list[int], row: int, logits: torch.Tensor, scores: SampleResult,
-                logp: dict[int, dict[int, float]], now: float) -> int:
-        """Append ``tokens`` (``logits`` rows from ``row`` on) one by one, stopping at the first finish;
-        returns how many were appended."""
-        for j, tok in enumerate(tokens):
-            r = row + j
-            req.token_ids.append(tok)
-            self.num_generated_tokens += 1
-            if req.scores is not None:
-                req.scores.append(scores.scores(r).clone())
-                req.raw_logits.append(logits[r].clone())
-            if req.first_token_time is None:
-                req.first_token_time = now
-            if req.params.logprobs is not None:
-                req.logprobs.append(logp[r])
-            reason = self._check_finish(req, tok)
-            if reason is not None:
-                req.finish_reason = reason
-                req.finish_time = now
-                return j + 1
-        return len(tokens)
+    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestOutput]:
+        if not plan.sampled:
+            self.scheduler.commit(plan.sched)
+            return []
+        result = sample(logits, plan.row_states(), return_scores=True)
+        if self.spec is not None:
+            self.spec.observe_step(plan.sched.num_tokens, time.perf_counter() - self._step_start)
+        return self.book.postprocess(plan, result, logits)
 
     def _check_import(self, kv_import, prompt_len: int) -> None:
         num_layers = len(self.cache.key_pools)
@@ -352,53 +279,14 @@ class Engine:
             raise ValueError(f"request {req.request_id} has K/V for {req.num_computed} positions, not {num_tokens}")
         return [self.cache.read_tokens(layer, req.block_ids, num_tokens) for layer in range(self.cache.num_layers)]
 
-    def _forget(self, req: Request, status: RequestStatus) -> None:
-        """Drop a finished or failed request: its blocks, its id, its speculation state."""
-        if status is RequestStatus.FINISHED and req.on_finish is not None:
-            req.on_finish(req)
-        self.requests.pop(req.request_id, None)
-        self.scheduler.finish(req, status)
-        if self.spec is not None:
-            self.spec.release(req)
+    @property
+    def num_generated_tokens(self) -> int:
+        return self.book.num_generated_tokens
 
     def _after_step(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         if self.config.debug_checks:
             self.check_invariants()
         return outputs
-
-    @functools.cached_property
-    def _stop_pieces(self) -> list[bytes] | None:
-        return byte_pieces(self.tokenizer)
-
-    def _stop_matcher(self, req: Request) -> StopStringMatcher:
-        """The request's stop-string matcher (built on its first token; the tokenizer's pieces once)."""
-        if req.stop_matcher is None:
-            req.stop_matcher = StopStringMatcher(self.tokenizer, req.params.stop, self._stop_pieces)
-            for t in req.output_ids[:-1]:  # none normally: built when the first output token arrives
-                req.stop_matcher.push(t)
-        return req.stop_matcher
-
-    def _check_finish(self, req: Request, tok: int) -> str | None:
-        # stop strings first: the matcher sees every token, so the final text includes this one
-        p = req.params
-        n = req.num_output_tokens
-        if p.stop and self.tokenizer is not None and self._stop_matcher(req).push(tok):
-            return "stop"
-        if n >= p.min_new_tokens and (tok in req.eos_ids or tok in p.stop_token_ids):
-            return "stop"
-        if req.stop_checker is not None and req.stop_checker(req.output_ids):
-            return "stop"
-        if n >= p.max_new_tokens:
-            return "length"
-        return None
-
-    def _detok(self, req: Request) -> str | None:
-        if self.tokenizer is None:
-            return None
-        m = req.stop_matcher
-        if m is not None and len(m.ids) == req.num_output_tokens:
-            return m.final_text()
-        return cut_at_stops(self.tokenizer.decode(req.output_ids, skip_special_tokens=True), req.params.stop)
 
     def check_invariants(self) -> None:
         """Block-pool bookkeeping plus: every block reference is held by a running request (waiting and
@@ -487,6 +375,6 @@ class Engine:
             "prefix_cache_hits": pool.prefix_hits,
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "steps": self.num_steps,
-            "generated_tokens": self.num_generated_tokens,
+            "generated_tokens": self.book.num_generated_tokens,
             **(self.spec.stats() if self.spec is not None else SpecDecoder.idle_stats()),
         }

@@ -100,6 +100,20 @@ def max_new_tokens(gc, width: int) -> int:
     return max_new
 
 
+# GenerationConfig field -> (SamplingParams field, its value when sampling, its value when greedy): the one
+# table from generate()'s kwargs to the engine's params (max/min new tokens and EOS come from the width)
+GENERATE_TO_PARAMS: dict[str, tuple[str, object, object]] = {
+    "temperature": ("temperature", lambda gc: float(gc.temperature if gc.temperature is not None else 1.0), 0.0),
+    "top_k": ("top_k", lambda gc: int(gc.top_k or 0), 0),
+    "top_p": ("top_p", lambda gc: float(gc.top_p if gc.top_p is not None else 1.0), 1.0),
+    "min_p": ("min_p", lambda gc: float(gc.min_p or 0.0), 0.0),
+    "repetition_penalty": ("repetition_penalty", lambda gc: float(gc.repetition_penalty or 1.0),
+                           lambda gc: float(gc.repetition_penalty or 1.0)),
+    "eos_token_id": ("ignore_eos", lambda gc: not eos_list(gc.eos_token_id),
+                     lambda gc: not eos_list(gc.eos_token_id)),
+}
+
+
 def sampling_params(gc, width: int) -> SamplingParams:
     """The engine's SamplingParams for a GenerationConfig and an input of ``width`` columns (at least one
     new token: a call for none never reaches the engine)."""
@@ -111,16 +125,11 @@ def sampling_params(gc, width: int) -> SamplingParams:
     if sampling and temperature == 0:
         raise ValueError("temperature must be > 0 when do_sample=True")
     min_new = max(gc.min_new_tokens or 0, (gc.min_length or 0) - width)
-    warp = {  # field: (value when sampling, value when greedy)
-        "temperature": (float(temperature), 0.0),
-        "top_k": (int(gc.top_k or 0), 0),
-        "top_p": (float(gc.top_p if gc.top_p is not None else 1.0), 1.0),
-        "min_p": (float(gc.min_p or 0.0), 0.0),
-    }
-    return SamplingParams(max_new_tokens=max_new, min_new_tokens=min(min_new, max_new),
-                          repetition_penalty=float(gc.repetition_penalty or 1.0),
-                          ignore_eos=not eos_list(gc.eos_token_id),
-                          **{k: v[0] if sampling else v[1] for k, v in warp.items()})
+    fields = {}
+    for name, when_sampling, when_greedy in GENERATE_TO_PARAMS.values():
+        value = when_sampling if sampling else when_greedy
+        fields[name] = value(gc) if callable(value) else value
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=min(min_new, max_new), **fields)
 
 
 class _RowProcessors:
