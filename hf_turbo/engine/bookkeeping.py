@@ -139,7 +139,8 @@ class Bookkeeper:
                 req.first_token_time = now
             if req.params.logprobs is not None:
                 req.logprobs.append(logp[r])
-            reason = self.check_finish(req, tok)
+            # a token outside the grammar comes only from a row with every token masked: end the output
+            reason = "stop" if req.grammar is not None and not req.grammar.accept(tok) else self.check_finish(req, tok)
             if reason is not None:
                 req.finish_reason = reason
                 req.finish_time = now

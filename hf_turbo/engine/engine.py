@@ -24,6 +24,7 @@ from hf_turbo.engine.memory import cuda_kv_budget
 from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.grammar.steps import StepGrammar
 from hf_turbo.kernels import cpu_ext
 from hf_turbo.sampling import SamplingParams, random_seed, sample, validate_vocab
 from hf_turbo.spec.decoder import SpecDecoder
@@ -125,6 +126,7 @@ class Engine:
         self.book = Bookkeeper(self.scheduler, tokenizer, None if self.spec is None else self.spec.accept,
                                None if self.spec is None else self.spec.release)
         self.requests: dict[str, Request] = self.book.requests
+        self.grammar = StepGrammar(tokenizer, self.vocab_size, self.eos_ids, self.device)  # structured output
         self._ids = itertools.count()
         self.num_steps = 0
         self._step_start = 0.0  # when the running step's forward began (speculation's cost model)
@@ -196,10 +198,15 @@ class Engine:
                                  f"for the first n <= {len(ids)} prompt tokens")
         if logits_hook is not None and params.speculative:
             params = dataclasses.replace(params, speculative=False)
+        if params.n != 1:
+            raise ValueError(f"SamplingParams.n is {params.n}: add_request queues one sample; queue "
+                             "params.samples() (or call generate), which share the prompt's KV blocks")
+        grammar = self.grammar.state_for(params)
         seed = params.seed if params.seed is not None else random_seed()
         req = Request(request_id, ids, params, seed, () if params.ignore_eos else self.eos_ids,
                       stop_checker=stop_checker, logits_hook=logits_hook, on_finish=on_finish,
                       kv_import=kv_import, model_inputs=model_inputs or None)
+        req.grammar = grammar
         if collect_scores:
             req.scores, req.raw_logits = [], []
         self.requests[request_id] = req
@@ -238,6 +245,7 @@ class Engine:
 
     def _run(self, plan: StepPlan) -> torch.Tensor:
         self._step_start = time.perf_counter()
+        self.grammar.start(plan)  # the constrained rows' masks fill on the CPU while the forward runs
         try:
             logits = self.runner.execute(plan.sched.scheduled, plan.rows)
         except Exception as exc:
@@ -250,7 +258,7 @@ class Engine:
         if not plan.sampled:
             self.scheduler.commit(plan.sched)
             return []
-        result = sample(logits, plan.row_states(), return_scores=True)
+        result = sample(logits, self.grammar.apply(plan.row_states()), return_scores=True)
         if self.spec is not None:
             self.spec.observe_step(plan.sched.num_tokens, time.perf_counter() - self._step_start)
         return self.book.postprocess(plan, result, logits)
@@ -306,12 +314,14 @@ class Engine:
         """Release what the engine holds outside itself (a draft model's attention switch)."""
         if self.spec is not None:
             self.spec.close()
+        self.grammar.close()
 
     # -- offline --------------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in input order."""
+        """Run prompts to completion; outputs in input order (a prompt whose params have ``n > 1``: its n
+        samples in a row, sample i with seed ``seed + i``)."""
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -322,7 +332,7 @@ class Engine:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(self.add_request(prompt, p))
+                ids.extend(self.add_request(prompt, s) for s in p.samples())
         except Exception:
             for rid in ids:
                 self.abort(rid)
@@ -377,4 +387,5 @@ class Engine:
             "steps": self.num_steps,
             "generated_tokens": self.book.num_generated_tokens,
             **(self.spec.stats() if self.spec is not None else SpecDecoder.idle_stats()),
+            **self.grammar.stats(),
         }

@@ -15,6 +15,7 @@ from hf_turbo.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from hf_turbo.engine.stops import StopStringMatcher
+    from hf_turbo.grammar.state import GrammarState
 
 __all__ = ["Request", "RequestStatus", "RequestOutput"]
 
@@ -94,6 +95,7 @@ class Request:
     # per-token model inputs of the prompt beyond its ids (generate()'s token_type_ids [L], inputs_embeds
     # [L, H]); such a request neither reads nor feeds the prefix cache either
     model_inputs: dict[str, torch.Tensor] | None = None
+    grammar: GrammarState | None = None  # structured output: advanced by accepted tokens only
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -24,7 +24,7 @@ import logging
 import torch
 
 from hf_turbo.patches.generate_cache import importable_reason
-from hf_turbo.patches.generate_run import GenerateCall, eos_list, full_mask, run_on_engine
+from hf_turbo.patches.generate_run import GenerateCall, eos_list, full_mask, run_on_engine, split_xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) 
     if input_ids is None and (gen_config.max_new_tokens is None or (gen_config.repetition_penalty or 1.0) != 1.0):
         # stock counts max_length and the repetition penalty's history without the embedded prompt
         return None, "inputs_embeds (without input_ids, it needs max_new_tokens and no repetition_penalty)"
+    xgr_reason = split_xgrammar(taken["logits_processor"])[2]
+    if xgr_reason:
+        return None, xgr_reason
     call = GenerateCall(input_ids, attention_mask, gen_config, streamer, tokenizer,
                         list(taken["logits_processor"] or []), None, embeds, types,
                         per_row_processors=per_row_processor_reason(gen_config) is not None)

@@ -10,11 +10,14 @@ transformers' own processors that the sampler does not implement natively (``bad
 and a user's ``logits_processor`` list run per row through the request's ``logits_hook``, in stock's
 order (after the repetition penalty and the min-length EOS suppression, before the warpers). Each
 call sees that row as stock does: ``input_ids`` [1, L] holding the padded prompt as given plus the
-row's new tokens, ``scores`` [1, V].
+row's new tokens, ``scores`` [1, V]. xgrammar's transformers processor (stateful over the batch) is
+not called: each row gets its compiled grammar as ``SamplingParams.grammar``, whose mask the sampler
+applies where the processor sits (after the other user processors), so such rows batch and speculate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,7 +27,8 @@ from hf_turbo.patches import compat
 from hf_turbo.patches.generate_cache import export_cache, import_rows
 from hf_turbo.sampling import SamplingParams
 
-__all__ = ["GenerateCall", "run_on_engine", "sampling_params", "max_new_tokens", "row_prompts", "full_mask"]
+__all__ = ["GenerateCall", "run_on_engine", "sampling_params", "max_new_tokens", "row_prompts", "full_mask",
+           "split_xgrammar"]
 
 
 @dataclass
@@ -158,6 +162,32 @@ def _stop_checker(gc, tokenizer):
     return lambda out_ids: bool(crit(torch.tensor([out_ids]), None)[0])
 
 
+def _is_xgrammar(proc) -> bool:
+    return type(proc).__module__ == "xgrammar.contrib.hf" and hasattr(proc, "compiled_grammars")
+
+
+def split_xgrammar(processors: list | None) -> tuple[list, object | None, str | None]:
+    """``(other processors, xgrammar's transformers processor or None, reason)``; the reason (for a stock
+    fallback) is set when that processor is not the last of the list, where its mask cannot be applied."""
+    procs = list(processors or [])
+    found = [i for i, p in enumerate(procs) if _is_xgrammar(p)]
+    if not found:
+        return procs, None, None
+    if found != [len(procs) - 1]:
+        return procs, None, "logits_processor (xgrammar's processor must be the last one, and only one)"
+    return procs[:-1], procs[-1], None
+
+
+def _row_grammars(proc, batch: int) -> list:
+    grammars = list(proc.compiled_grammars)
+    if len(grammars) == 1:
+        return grammars * batch
+    if len(grammars) != batch:
+        raise ValueError(f"logits_processor: xgrammar's processor holds {len(grammars)} compiled grammars for a "
+                         f"batch of {batch}")
+    return grammars
+
+
 def run_on_engine(model, engine, call: GenerateCall):
     """Run ``call`` on ``engine``; returns what stock generate() returns for it."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -174,8 +204,10 @@ def run_on_engine(model, engine, call: GenerateCall):
                      eos_ids)
     prompts = row_prompts(input_ids, mask)
     row_inputs = call.row_inputs(mask)
-    processors = compat.extra_logits_processors(model, gc, given, mask, call.logits_processor) \
-        if call.logits_processor or call.per_row_processors else []
+    user, xgr_proc, _ = split_xgrammar(call.logits_processor)
+    grammars = _row_grammars(xgr_proc, batch) if xgr_proc is not None else [None] * batch
+    processors = compat.extra_logits_processors(model, gc, given, mask, user) \
+        if user or call.per_row_processors else []
     imports = import_rows(call.past_key_values, mask, [len(p) for p in prompts]) \
         if call.past_key_values is not None else [None] * batch
     want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
@@ -184,7 +216,8 @@ def run_on_engine(model, engine, call: GenerateCall):
     try:
         for i, row in enumerate(prompts):
             hook = _RowProcessors(processors, given[i].tolist()) if processors else None
-            rid = engine.add_request(row, params, stop_checker=stop_checker, collect_scores=want_scores,
+            row_params = params if grammars[i] is None else dataclasses.replace(params, grammar=grammars[i])
+            rid = engine.add_request(row, row_params, stop_checker=stop_checker, collect_scores=want_scores,
                                      logits_hook=hook, kv_import=imports[i], model_inputs=row_inputs[i])
             req = engine.requests[rid]
             req.eos_ids = () if params.ignore_eos else tuple(eos_ids)

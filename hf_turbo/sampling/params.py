@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,6 +22,11 @@ class SamplingParams:
     ``presence_penalty`` / ``frequency_penalty`` follow OpenAI: a token already in the generated output
     loses ``presence_penalty`` once plus ``frequency_penalty`` per occurrence; ``logit_bias`` maps token
     ids to a value added to their logits. Every invalid value raises ValueError naming the field.
+
+    Structured output (at most one, through xgrammar; ``hf_turbo.grammar``): ``json_schema`` (a dict or its
+    JSON text), ``regex``, ``grammar`` (EBNF text, or an ``xgrammar.CompiledGrammar``) or ``choices`` (the
+    output is one of these strings). ``n``: samples of the prompt (``Engine.generate`` and the server run
+    them as ``n`` requests sharing the prompt's KV blocks; sample ``i`` has seed ``seed + i``).
     """
 
     max_new_tokens: int = 16
@@ -37,6 +45,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     speculative: bool = True
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    grammar: Any = None
+    choices: tuple[str, ...] | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -85,8 +98,46 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative token ids")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "must be an integer >= 0 or None")
+        if not _is_int(self.n) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        self._check_grammar(bad)
+
+    def _check_grammar(self, bad: Callable[[str, str], None]) -> None:
+        given = [name for name in ("json_schema", "regex", "grammar", "choices") if getattr(self, name) is not None]
+        if len(given) > 1:
+            bad(given[1], f"cannot be combined with {given[0]}: give at most one of json_schema, regex, grammar, "
+                          "choices")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, (dict, str)):
+                bad("json_schema", "must be a dict or its JSON text")
+            try:  # a private copy, and a JSON value
+                text = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+                copy = json.loads(text)
+            except (TypeError, ValueError) as exc:
+                bad("json_schema", f"is not JSON ({exc})")
+            if not isinstance(copy, dict):
+                bad("json_schema", "must be a JSON object")
+            object.__setattr__(self, "json_schema", copy)
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            bad("regex", "must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()) \
+                and type(self.grammar).__name__ != "CompiledGrammar":
+            bad("grammar", "must be EBNF text or an xgrammar.CompiledGrammar")
+        if self.choices is not None:
+            if isinstance(self.choices, str) or not isinstance(self.choices, (list, tuple)) or not self.choices \
+                    or any(not isinstance(c, str) or not c for c in self.choices):
+                bad("choices", "must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choices", tuple(self.choices))
 
     __hash__ = None  # logit_bias is a dict
+
+    def samples(self) -> list[SamplingParams]:
+        """The ``n`` single samples of this request: sample ``i`` has seed ``seed + i`` (each drawn at random
+        when ``seed`` is None), so each equals the same request sent alone with that seed."""
+        if self.n == 1:
+            return [self]
+        return [dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+                for i in range(self.n)]
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +147,11 @@ class SamplingParams:
     def needs_history(self) -> bool:
         """Whether the sampler needs the request's token history (repetition/presence/frequency penalty)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def constrained(self) -> bool:
+        """Whether the output follows a grammar (json_schema, regex, grammar or choices)."""
+        return any(getattr(self, f) is not None for f in ("json_schema", "regex", "grammar", "choices"))
 
     @property
     def has_filters(self) -> bool:
@@ -136,3 +192,6 @@ class RowState:
     # generate()'s extra HF processors: scores [1, V] float32 -> scores, after the penalties and the EOS
     # suppression, before temperature and the filters (greedy rows too)
     hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the row's grammar bitmask (int32 [ceil(V / 32)], CPU; bit 0: the token is not allowed), applied after
+    # the hook and before temperature, as xgrammar's transformers processor sits in stock generate()
+    mask: torch.Tensor | None = None

@@ -2,7 +2,7 @@
 
 Order (transformers' where it has the processor, vLLM's for the OpenAI penalties): repetition penalty,
 presence/frequency penalties, ``logit_bias``, EOS suppression before ``min_new_tokens``, the row's
-``hook`` (generate()'s extra HF processors), then temperature. Arithmetic follows transformers'
+``hook`` (generate()'s extra HF processors), the grammar ``mask``, then temperature. Arithmetic follows transformers'
 processors operation for operation, so greedy rows give stock ``generate()``'s argmax bit for bit.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_turbo.grammar.masks import apply_masks
 from hf_turbo.sampling.params import RowState
 from hf_turbo.sampling.workspace import scratch
 
@@ -70,6 +71,8 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
                 raise ValueError(f"logits_hook must return a [1, {vocab}] tensor, got "
                                  f"{getattr(out, 'shape', type(out).__name__)}")
             scores[i] = out[0]
+    if any(row.mask is not None for row in rows):
+        apply_masks(scores, [row.mask for row in rows])
     return scores
 
 

@@ -43,7 +43,7 @@ class SampleResult:
 def _needs_processing(rows: Sequence[RowState]) -> bool:
     for r in rows:
         p = r.params
-        if r.hook is not None or p.logit_bias or r.position < p.min_new_tokens and r.eos_ids:
+        if r.hook is not None or r.mask is not None or p.logit_bias or r.position < p.min_new_tokens and r.eos_ids:
             return True
         if p.needs_history and r.history:
             return True
