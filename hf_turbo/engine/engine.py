@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import torch
 
 from hf_turbo.cache.block_pool import BlockPool
-from hf_turbo.cache.paged_cache import PagedKVCache, kv_layout
+from hf_turbo.cache.paged_cache import PagedKVCache
 from hf_turbo.config import TurboConfig
 from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
+from hf_turbo.engine.distributed import agree_num_blocks, kv_bytes_per_block, local_kv_layout, tensor_parallel
 from hf_turbo.engine.memory import cuda_kv_budget
 from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
@@ -47,7 +48,7 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
     if cc.num_blocks is not None:
         return cc.num_blocks
     dtype = next(model.parameters()).dtype
-    per_block = PagedKVCache.bytes_per_block(model.config, cc.block_size, dtype) + extra_bytes_per_block
+    per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
     device = next(model.parameters()).device
     if device.type == "cuda":
         # a forward longer than the model's positions would fail (absolute position embeddings)
@@ -109,9 +110,9 @@ class Engine:
         self.eos_ids = _eos_ids(model)
         draft_bytes = 0 if draft is None else PagedKVCache.bytes_per_block(draft.config, config.cache.block_size,
                                                                            next(draft.parameters()).dtype)
-        nblocks = num_kv_blocks(model, config, draft_bytes)
+        nblocks = agree_num_blocks(model, num_kv_blocks(model, config, draft_bytes))
         num_layers = model.config.get_text_config().num_hidden_layers
-        _, kv_heads, head_dim = kv_layout(model.config)
+        _, kv_heads, head_dim = local_kv_layout(model)
         self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
                                   kv_shape=(kv_heads, head_dim))
         self.pool = BlockPool(nblocks, config.cache.block_size)
@@ -131,6 +132,7 @@ class Engine:
         self.num_steps = 0
         self._step_start = 0.0  # when the running step's forward began (speculation's cost model)
         self.num_prompt_tokens = 0
+        self.tp = tensor_parallel(self)  # None, or this rank's part in a tensor-parallel group
         logger.info("Engine: %d KV blocks of %d tokens (%s, %s)", nblocks, config.cache.block_size,
                     param.dtype, self.device)
 
@@ -314,7 +316,15 @@ class Engine:
         """Release what the engine holds outside itself (a draft model's attention switch)."""
         if self.spec is not None:
             self.spec.close()
+        if self.tp is not None:  # rank 0: the followers leave their loops
+            self.tp.close()
         self.grammar.close()
+
+    def follow(self) -> None:
+        """On a rank other than 0 of a tensor-parallel group: run rank 0's steps until its engine closes."""
+        if self.tp is None or not hasattr(self.tp, "run"):
+            raise RuntimeError("follow() is for the ranks other than 0 of a tensor-parallel model")
+        self.tp.run()
 
     # -- offline --------------------------------------------------------------------------------
     def generate(self, prompts: PromptType | Sequence[PromptType],
