@@ -81,11 +81,13 @@ def load_model_and_tokenizer(
     device: str | torch.device | None = None,
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
+    tp_plan: str | None = None,
 ):
     """Load ``(model, tokenizer)`` in eval mode. ``model`` as in :func:`resolve_model_path`.
 
     ``dtype`` as in :func:`resolve_dtype` (default ``"auto"``); the weights load straight onto
-    ``device`` (default: CUDA if available), never staged on the CPU first.
+    ``device`` (default: CUDA if available), never staged on the CPU first. ``tp_plan="auto"``: this
+    rank's shard of a tensor-parallel model (torch.distributed initialized; the device is the rank's).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -102,6 +104,9 @@ def load_model_and_tokenizer(
     torch_dtype = resolve_dtype(dtype, config, device)
     kwargs = {"dtype": torch_dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
               "device_map": str(device)}
+    if tp_plan is not None:  # transformers places each rank's shard itself
+        del kwargs["device_map"]
+        kwargs["tp_plan"] = tp_plan
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     lm = AutoModelForCausalLM.from_pretrained(name, **kwargs).eval()

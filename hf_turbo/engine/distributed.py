@@ -181,7 +181,8 @@ class PlanSender:
                 sent = self._sent[req.request_id] = _Sent()
                 first = {"prompt_len": req.num_prompt_tokens, "model_inputs": req.model_inputs}
                 if self.check_sampling:
-                    hooked = getattr(req, "logits_hook", None) is not None
+                    # rows that rank 0 alone constrains (generate()'s processors, a grammar) are not checked
+                    hooked = req.logits_hook is not None or getattr(req, "grammar", None) is not None
                     first.update(params=req.params, seed=req.seed, eos_ids=req.eos_ids, hooked=hooked)
             start = sent.num_tokens
             entries.append((req.request_id, req.num_computed, n, start, req.token_ids[start:], list(req.block_ids),

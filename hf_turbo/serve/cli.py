@@ -12,7 +12,7 @@ import os
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "build_app"]
+__all__ = ["add_arguments", "run", "build_app", "serve_app"]
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap on prompt + generated tokens per request (default: the model's maximum)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over N ranks (one GPU each; gloo processes on the CPU), started by "
+                             "this command; the model's config needs a tp_plan (docs/scaling.md)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="N engine replicas behind Ray Serve (needs the 'ray' extra; docs/scaling.md)")
+    parser.add_argument("--ray-address", default=None,
+                        help="an existing Ray cluster for --replicas (default: a local Ray instance started here)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -82,6 +89,12 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}") from None
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key must not be empty")
+    for name in ("tensor_parallel_size", "replicas"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "tensor_parallel_size", 1) > 1 and (getattr(args, "replicas", 1) > 1
+                                                         or getattr(args, "ray_address", None)):
+        raise ValueError("--tensor-parallel-size with --replicas is not supported yet: use one or the other")
 
 
 def _check_max_model_len(value: int | None, model) -> None:
@@ -115,7 +128,8 @@ def build_app(args: argparse.Namespace):
                                    ("gpu_memory_fraction", args.gpu_memory_utilization)) if v is not None}
     config = TurboConfig().replace(**overrides)
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
-                                          trust_remote_code=args.trust_remote_code)
+                                          trust_remote_code=args.trust_remote_code,
+                                          tp_plan="auto" if getattr(args, "tensor_parallel_size", 1) > 1 else None)
     _check_max_model_len(args.max_model_len, model)
     if args.draft_model is not None:
         # the target's resolved dtype: "auto" could pick another for the draft's checkpoint
@@ -131,16 +145,32 @@ def build_app(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    _check(args)
+    if args.tensor_parallel_size > 1:
+        from hf_turbo.serve.launch import run_tensor_parallel
+
+        return run_tensor_parallel(args)
+    if args.replicas > 1 or args.ray_address:
+        from hf_turbo.serve.replicas import run_replicas
+
+        return run_replicas(args)
+    return serve_app(build_app(args), args)
+
+
+def serve_app(app, args: argparse.Namespace) -> int:
+    """Serve a built app with uvicorn until it stops, then close its engine (a TP group's followers leave)."""
     import uvicorn
 
     from hf_turbo.serve.transport import server_config
 
-    app = build_app(args)
     if args.host not in _LOOPBACK and not args.api_key:
         logger.warning("serving on %s without --api-key: anyone who can reach it can use it", args.host)
     print(f"hf-turbo serve: {args.served_model_name or args.model} on http://{args.host}:{args.port}/v1",
           flush=True)
     config = server_config(app, host=args.host, port=args.port, header_timeout=args.header_timeout,
                            keep_alive_timeout=args.keep_alive_timeout, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        app.state.hf_turbo.engine.engine.close()
     return 0
