@@ -243,7 +243,7 @@ def _bad_requests() -> list[tuple[str, str, dict, int, str | None]]:
         ("temperature 'NaN' string", *body(comp, ok, temperature="NaN"), 400, "temperature"),
         ("top_p 0", *body(comp, ok, top_p=0), 400, "top_p"),
         ("top_p 1.5", *body(comp, ok, top_p=1.5), 400, "top_p"),
-        ("n 2", *body(comp, ok, n=2), 400, "n"),
+        ("n over the cap", *body(comp, ok, n=17), 400, "n"),
         ("five stop strings", *body(comp, ok, stop=["a", "b", "c", "d", "e"]), 400, "stop"),
         ("empty stop string", *body(comp, ok, stop=[""]), 400, "stop"),
         ("stop is a number", *body(comp, ok, stop=5), 400, "stop"),
@@ -268,8 +268,8 @@ def _bad_requests() -> list[tuple[str, str, dict, int, str | None]]:
         ("chat max_completion_tokens 0", *body(chat, okc, max_completion_tokens=0), 400, "max_completion_tokens"),
         ("chat top_logprobs without logprobs", *body(chat, okc, top_logprobs=2), 400, "top_logprobs"),
         ("chat logprobs string", *body(chat, okc, logprobs="yes"), 400, "logprobs"),
-        ("chat tools", *body(chat, okc, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-        ("chat n 3", *body(chat, okc, n=3), 400, "n"),
+        ("chat tools", *body(chat, okc, tools=[{"type": "function"}]), 400, "tools"),
+        ("chat n 0", *body(chat, okc, n=0), 400, "n"),
         ("chat temperature 3", *body(chat, okc, temperature=3), 400, "temperature"),
     ]
     return cases

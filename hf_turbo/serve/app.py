@@ -33,10 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hf_turbo.engine import AsyncEngine, EngineOverloaded
+from hf_turbo.serve.choices import Choices
 from hf_turbo.serve.metrics import Metrics
 from hf_turbo.serve.openapi import install_openapi
 from hf_turbo.serve.prepare import Prepared, RequestPreparer, param_of
 from hf_turbo.serve.protocol import APIError, ResponseFormatter, error_body, json_bytes
+from hf_turbo.serve.tools import parser_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,15 @@ _RETRY_AFTER_S = 1  # what a 429 asks the client to wait: the queue drains at th
 
 
 def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               chat_template: str | None = None, body_timeout: float = 30.0) -> FastAPI:
+               chat_template: str | None = None, body_timeout: float = 30.0, tool_call_parser: str = "auto") -> FastAPI:
     """An app serving ``engine`` as ``model_name``; the app starts and stops the engine (lifespan).
 
     ``api_key``: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
     ``max_body_bytes``: larger request bodies get 413. ``chat_template``: a Jinja template used
     instead of the tokenizer's. ``body_timeout``: seconds a client may take to send its body (408
-    after). The queue bound (429) is the engine's ``TurboConfig.max_waiting``.
+    after). The queue bound (429) is the engine's ``TurboConfig.max_waiting``. ``tool_call_parser``:
+    how ``tool_choice`` auto reads tool calls ("auto": from the chat template, or a name in
+    ``hf_turbo.serve.tools.PARSERS``).
     """
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
@@ -67,8 +71,10 @@ def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     if engine.engine.tokenizer is None:
         raise ValueError("engine has no tokenizer: build the AsyncEngine with one to serve text")
 
+    template = chat_template or getattr(engine.engine.tokenizer, "chat_template", None)
+    parser = parser_for_template(template if isinstance(template, str) else None, tool_call_parser)
     metrics = Metrics()
-    server = _Server(engine, model_name, metrics, max_body_bytes, chat_template, float(body_timeout))
+    server = _Server(engine, model_name, metrics, max_body_bytes, chat_template, float(body_timeout), parser)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -233,12 +239,17 @@ def _event(obj) -> bytes:
     return b"data: " + json_bytes(obj) + b"\n\n"
 
 
+def _end_events(fmt: ResponseFormatter, index: int, final) -> bytes:
+    return b"".join(_event(e) for e in fmt.end_events(index, final))
+
+
 class _Server:
     """The state and handlers behind the generation routes."""
 
     def __init__(self, engine: AsyncEngine, model_name: str, metrics: Metrics, max_body_bytes: int,
-                 chat_template: str | None, body_timeout: float) -> None:
+                 chat_template: str | None, body_timeout: float, tool_parser) -> None:
         self.engine = engine
+        self.tool_parser = tool_parser
         self.tokenizer = engine.engine.tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -249,7 +260,7 @@ class _Server:
         kv_tokens = sync.pool.num_blocks * sync.pool.block_size
         self.context_limit = min(sync.max_model_len or kv_tokens, kv_tokens)
         self.preparer = RequestPreparer(self.tokenizer, model_name, self.context_limit, sync.vocab_size,
-                                        chat_template)
+                                        chat_template, sync.grammar)
         # tokenization, templates and response formatting: off the event loop, a few at a time; large
         # bodies one at a time in a lane of their own, so that they neither queue the small ones nor take
         # every core from the engine thread (whose steps stall when its threads are starved)
@@ -311,12 +322,12 @@ class _Server:
 
     async def _generate(self, request: Request, prepared: Prepared, chat: bool, rid: str, t0: float):
         req, prompt_ids = prepared.req, prepared.prompt_ids
-        stream = self.engine.generate(prompt_ids, prepared.params, request_id=rid)
+        stream = Choices(self.engine, prompt_ids, prepared.params, rid)
         watch = _DisconnectWatch(request)
         handed_off = False
         try:
             try:
-                first = await watch.run(stream.__anext__())
+                firsts = await watch.run(stream.start())
             except ValueError as exc:
                 # the engine's own length checks name max_new_tokens; the rest is about the prompt
                 default = "max_tokens" if "max_new_tokens" in str(exc) else ("messages" if chat else "prompt")
@@ -325,20 +336,18 @@ class _Server:
             except EngineOverloaded as exc:
                 raise APIError(429, f"The server is overloaded ({exc}); retry later.", type="rate_limit_error",
                                code="server_overloaded", headers={"Retry-After": str(_RETRY_AFTER_S)}) from None
-            if first.token_ids:
+            if firsts[0].token_ids:
                 self.metrics.observe_ttft(time.perf_counter() - t0)
-            fmt = ResponseFormatter(self.tokenizer, self.model_name, req, chat, rid, len(prompt_ids))
+            fmt = ResponseFormatter(self.tokenizer, self.model_name, req, chat, rid, len(prompt_ids), self.tool_parser)
             if req.stream:
                 await watch.stop()  # from here Starlette's StreamingResponse watches for the disconnect
                 handed_off = True
-                return _SSEResponse(self._sse(stream, first, fmt), stream, media_type="text/event-stream",
+                return _SSEResponse(self._sse(stream, fmt), stream, media_type="text/event-stream",
                                     headers=_SSE_HEADERS)
-            final = first
-            if not first.finished:
-                final = await watch.run(self._drain(stream))
-            self.metrics.count_tokens(len(prompt_ids), len(final.output.token_ids))
+            finals = await watch.run(stream.finals())
+            self.metrics.count_tokens(len(prompt_ids), sum(len(f.output.token_ids) for f in finals))
             # logprobs decode one token at a time and the JSON can be large: both off the loop
-            body = await self._in_pool(lambda: json_bytes(fmt.response(final)))
+            body = await self._in_pool(lambda: json_bytes(fmt.response(finals)))
             return Response(body, media_type="application/json")
         except _ClientGone:
             self.metrics.count_disconnect()
@@ -348,28 +357,20 @@ class _Server:
             if not handed_off:
                 await stream.aclose()
 
-    @staticmethod
-    async def _drain(stream):
-        async for delta in stream:
-            if delta.finished:
-                return delta
-        raise RuntimeError("the engine stream ended without a final output")
-
-    async def _sse(self, stream, first, fmt: ResponseFormatter):
+    async def _sse(self, stream: Choices, fmt: ResponseFormatter):
         completed = False
         try:
-            delta = first
             for event in fmt.start_events():
                 yield _event(event)
-            while True:
-                for event in fmt.delta_events(delta):
+            finals = [None] * len(stream.streams)
+            async for i, delta in stream.merged():
+                for event in fmt.delta_events(i, delta):
                     yield _event(event)
                 if delta.finished:
-                    break
-                delta = await stream.__anext__()
-            self.metrics.count_tokens(fmt.prompt_tokens, len(delta.output.token_ids))
-            final = delta
-            yield await self._in_pool(lambda: b"".join(_event(e) for e in fmt.end_events(final)))
+                    finals[i] = delta
+                    yield await self._in_pool(_end_events, fmt, i, delta)
+            self.metrics.count_tokens(fmt.prompt_tokens, sum(len(f.output.token_ids) for f in finals))
+            yield b"".join(_event(e) for e in fmt.usage_events(finals))
             yield b"data: [DONE]\n\n"
             completed = True
         except (asyncio.CancelledError, GeneratorExit):

@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 
+from hf_turbo.serve.tools import PARSERS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_arguments", "run", "build_app", "serve_app"]
@@ -42,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a client may take to send a request's body; 408 after (default 30)")
     parser.add_argument("--chat-template", default=None,
                         help="Jinja chat template (a file path or the template text) for tokenizers without one")
+    parser.add_argument("--tool-call-parser", default="auto", choices=["auto", *sorted(PARSERS)],
+                        help="how tool_choice auto reads tool calls (default: from the chat template)")
     parser.add_argument("--draft-model", default=None,
                         help="draft model (path, hub id or 'fixture:draft') for speculative decoding")
     parser.add_argument("--num-speculative-tokens", type=int, default=4,
@@ -141,7 +145,8 @@ def build_app(args: argparse.Namespace):
     engine = AsyncEngine(model, tok, config)
     name = args.served_model_name or args.model
     return create_app(engine, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                      chat_template=template, body_timeout=args.body_timeout)
+                      chat_template=template, body_timeout=args.body_timeout,
+                      tool_call_parser=args.tool_call_parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hf_turbo.sampling import SamplingParams
 from hf_turbo.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, decode_json_body, parse_request
 from hf_turbo.serve.rules import SAMPLER_FIELDS
+from hf_turbo.serve.tools import forced_schema
 
 __all__ = ["RequestPreparer", "Prepared", "param_of"]
 
@@ -20,7 +21,7 @@ _DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completio
 _PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
                 "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop", "logprobs": "logprobs",
                 "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-                "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias"}
+                "frequency_penalty": "frequency_penalty", "logit_bias": "logit_bias", "n": "n"}
 _OPENAI_PENALTIES = ("presence_penalty", "frequency_penalty", "logit_bias")
 
 
@@ -37,12 +38,13 @@ class RequestPreparer:
     """Turns request bodies into :class:`Prepared` for one model (thread-safe: holds no request state)."""
 
     def __init__(self, tokenizer, model_name: str, context_limit: int, vocab_size: int,
-                 chat_template: str | None) -> None:
+                 chat_template: str | None, grammars=None) -> None:
         self.tok = tokenizer
         self.model_name = model_name
         self.context_limit = context_limit
         self.vocab_size = vocab_size
         self.chat_template = chat_template
+        self.grammars = grammars  # the engine's StepGrammar: grammars compile here, off the engine thread
 
     def prepare(self, raw: bytes, chat: bool) -> Prepared:
         """Everything from the body's bytes to :class:`SamplingParams`; bad input raises APIError (4xx)."""
@@ -60,10 +62,13 @@ class RequestPreparer:
             if not template:
                 raise APIError(400, "Invalid 'messages': this model's tokenizer has no chat template; "
                                "use /v1/completions or start the server with --chat-template.", "messages")
-            msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+            msgs = [{"role": m.role, "content": m.content,
+                     **{k: getattr(m, k) for k in ("name", "tool_calls", "tool_call_id") if getattr(m, k) is not None}}
+                    for m in req.messages]
+            tools = {"tools": req.tools} if req.tools and req.tool_choice != "none" else {}
             try:
                 text = tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                               add_generation_prompt=True)
+                                               add_generation_prompt=True, **tools)
             except Exception as exc:  # jinja raise_exception(...) in templates: bad conversation shape
                 raise APIError(400, f"Invalid 'messages': the chat template rejected them: {exc}",
                                "messages") from None
@@ -109,8 +114,9 @@ class RequestPreparer:
                                f"[0, {self.vocab_size}).", "logit_bias")
             extra = {"presence_penalty": float(req.presence_penalty or 0.0),
                      "frequency_penalty": float(req.frequency_penalty or 0.0), "logit_bias": req.logit_bias or None}
+        extra.update(self._structured(req, chat))
         try:
-            return SamplingParams(
+            return SamplingParams(n=req.n or 1,
                 max_new_tokens=max_new, min_new_tokens=req.min_tokens or 0,
                 temperature=1.0 if req.temperature is None else float(req.temperature),
                 top_p=1.0 if req.top_p is None else float(req.top_p),
@@ -121,6 +127,36 @@ class RequestPreparer:
         except ValueError as exc:
             param = param_of(exc, None)
             raise APIError(400, f"Invalid value for '{param}': {exc}", param) from None
+
+
+    def _structured(self, req, chat: bool) -> dict:
+        """The request's output constraint as a SamplingParams field, compiled here (the engine then finds it
+        in the cache); a spec xgrammar rejects is a 400 naming the request field it came from."""
+        field, value, param = None, None, None
+        rf = req.response_format
+        if chat and req.forced_tool_choice is not None:
+            value = forced_schema(req.tools, req.forced_tool_choice, req.parallel_tool_calls is not False)
+            field, param = "json_schema", "tools"
+        elif rf is not None and rf.get("type") == "json_object":
+            field, value, param = "json_schema", {"type": "object"}, "response_format"
+        elif rf is not None and rf.get("type") == "json_schema":
+            spec = rf["json_schema"]
+            field, value, param = "json_schema", spec.get("schema") or {"type": "object"}, "response_format"
+        else:
+            for name, sp_field in (("guided_json", "json_schema"), ("guided_regex", "regex"),
+                                   ("guided_grammar", "grammar"), ("guided_choice", "choices")):
+                if getattr(req, name) is not None:
+                    field, value, param = sp_field, getattr(req, name), name
+        if field is None:
+            return {}
+        if self.grammars is None:
+            raise APIError(400, f"Invalid value for '{param}': this server has no grammar engine.", param)
+        try:
+            self.grammars.compiler.compile(field, value)
+        except ValueError as exc:
+            why = str(exc).removeprefix(f"SamplingParams.{field} ")
+            raise APIError(400, f"Invalid value for '{param}': it {why}", param) from None
+        return {field: value}
 
 
 def param_of(exc: ValueError, default: str | None) -> str | None:

@@ -8,7 +8,8 @@ a whole (not JSON, not UTF-8, too large, wrong content type) have ``param: null`
 The models are strict (JSON ``"1"`` is not a number, ``true`` is not an integer) and ignore unknown
 fields, like OpenAI's API; the value rules live in one table per route (:mod:`hf_turbo.serve.rules`).
 Supported beyond OpenAI (vLLM's names): ``top_k``, ``min_tokens``, ``repetition_penalty``,
-``ignore_eos``.
+``ignore_eos``, and the structured-output fields ``guided_json``, ``guided_regex``, ``guided_grammar``,
+``guided_choice`` (at most one of them, ``response_format`` and a forcing ``tool_choice``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from hf_turbo.serve.responses import ResponseFormatter
-from hf_turbo.serve.rules import CHAT_RULES, COMPLETION_RULES
+from hf_turbo.serve.rules import CHAT_RULES, COMPLETION_RULES, STRUCTURED_FIELDS
 
 __all__ = ["APIError", "error_body", "json_bytes", "decode_json_body", "parse_request", "CompletionRequest",
            "ChatCompletionRequest", "ChatMessage", "StreamOptions", "ResponseFormatter"]
@@ -226,12 +227,26 @@ class _SamplingFields(_Strict):
     min_tokens: int | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
+    response_format: dict | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list | None = None
 
     def check(self) -> None:
         """Rules across fields (pydantic would report them without a parameter name)."""
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "Invalid value for 'stream_options': only allowed when stream is true.",
                            "stream_options")
+        given = self.structured_fields()
+        if len(given) > 1:
+            raise APIError(400, f"Invalid value for '{given[1]}': it cannot be combined with '{given[0]}' "
+                           "(one output constraint per request).", given[1])
+
+    def structured_fields(self) -> list[str]:
+        """The output-constraining fields this request sets (a text response_format does not count)."""
+        return [f for f in STRUCTURED_FIELDS if getattr(self, f) is not None
+                and not (f == "response_format" and self.response_format.get("type") == "text")]
 
 
 class CompletionRequest(_SamplingFields):
@@ -273,6 +288,8 @@ class ChatMessage(_Strict):
     content: Any = Field(None, validate_default=True, json_schema_extra={"anyOf": [
         {"type": "string"}, _TEXT_PARTS, {"type": "null"}]})
     name: str | None = None
+    tool_calls: list | None = None  # an assistant message's calls (given back to the chat template)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -305,12 +322,36 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list | None = None
     tool_choice: Any = None
-    response_format: dict | None = None
+    parallel_tool_calls: bool | None = None
 
     def check(self) -> None:
         super().check()
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "Invalid value for 'top_logprobs': it needs logprobs=true.", "top_logprobs")
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return
+        if not self.tools:
+            raise APIError(400, "Invalid value for 'tool_choice': it needs 'tools'.", "tool_choice")
+        if isinstance(choice, dict):
+            names = [t["function"]["name"] for t in self.tools]
+            if choice["function"]["name"] not in names:
+                raise APIError(400, f"Invalid value for 'tool_choice': no tool is named "
+                               f"{choice['function']['name']!r} (tools: {', '.join(names)}).", "tool_choice")
+        if self.structured_fields():
+            field = self.structured_fields()[0]
+            raise APIError(400, f"Invalid value for '{field}': it cannot be combined with tool_choice "
+                           f"{choice if isinstance(choice, str) else 'naming a function'}.", field)
+
+    @property
+    def forced_tool_choice(self):
+        """tool_choice when it forces a call ("required" or a named function), else None."""
+        return self.tool_choice if self.tools and self.tool_choice not in (None, "none", "auto") else None
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether the output is read for the model's own tool-call syntax (tools given, tool_choice auto)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     @property
     def max_new_tokens(self) -> int | None:

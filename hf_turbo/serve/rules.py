@@ -17,10 +17,13 @@ from typing import Any
 from hf_turbo.sampling import SamplingParams
 
 __all__ = ["Interval", "Only", "Unsupported", "Check", "SAMPLING_RULES", "COMPLETION_RULES", "CHAT_RULES",
-           "MIN_TEMPERATURE", "MAX_STOP", "MAX_LOGPROBS", "SAMPLER_FIELDS"]
+           "MIN_TEMPERATURE", "MAX_STOP", "MAX_LOGPROBS", "MAX_N", "SAMPLER_FIELDS", "STRUCTURED_FIELDS"]
 
 MAX_STOP = 4
 MAX_LOGPROBS = 20
+MAX_N = 16  # choices per request: each is a sequence in the batch
+# the request fields that constrain the output (at most one per request; tool_choice required/named too)
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
 # Below this, logits / temperature can overflow float32 to inf (and the softmax to NaN) for logits of
 # ordinary size; 0 (greedy) is the way to ask for the limit. 1e-6 keeps |logit| < 3e32 finite.
 MIN_TEMPERATURE = 1e-6
@@ -160,8 +163,62 @@ def _messages(name: str, v: list) -> list:
 
 
 def _response_format(name: str, v: dict) -> dict:
-    if v.get("type") != "text":
-        raise ValueError(f"only {name} {{'type': 'text'}} is supported")
+    kind = v.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ValueError(f"{name}.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+    if kind == "json_schema":
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(f"{name}.json_schema must be an object with a 'name' and a 'schema'")
+        if not isinstance(spec.get("schema", {}), dict):
+            raise ValueError(f"{name}.json_schema.schema must be a JSON schema object")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise ValueError(f"{name}.json_schema.strict must be a boolean")
+    return v
+
+
+def _guided_json(name: str, v: Any) -> Any:
+    if not isinstance(v, (dict, str)):
+        raise ValueError(f"{name} must be a JSON schema (an object or its JSON text)")
+    return v
+
+
+def _nonempty_text(name: str, v: Any) -> Any:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    return v
+
+
+def _guided_choice(name: str, v: Any) -> Any:
+    if not isinstance(v, list) or not v or any(not isinstance(c, str) or not c for c in v):
+        raise ValueError(f"{name} must be a non-empty list of non-empty strings")
+    return v
+
+
+def _tools(name: str, v: list) -> list:
+    seen = set()
+    for i, tool in enumerate(v):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise ValueError(f"{name}[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        if not isinstance(fn.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", fn["name"]):
+            raise ValueError(f"{name}[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'")
+        if fn["name"] in seen:
+            raise ValueError(f"{name}[{i}].function.name {fn['name']!r} is given twice")
+        seen.add(fn["name"])
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ValueError(f"{name}[{i}].function.parameters must be a JSON schema object")
+    return v
+
+
+def _tool_choice(name: str, v: Any) -> Any:
+    if v in ("none", "auto", "required"):
+        return v
+    fn = v.get("function") if isinstance(v, dict) else None
+    if not isinstance(v, dict) or v.get("type") != "function" or not isinstance(fn, dict) \
+            or not isinstance(fn.get("name"), str):
+        raise ValueError(f"{name} must be 'none', 'auto', 'required' or {{'type': 'function', 'function': "
+                         "{'name': ...}}")
     return v
 
 
@@ -175,7 +232,7 @@ SAMPLING_RULES: dict[str, Any] = {
     "max_tokens": Interval(1),
     "temperature": Check(_temperature, {"minimum": 0.0, "maximum": 2.0}),
     "top_p": Interval(0.0, 1.0, lo_open=True),
-    "n": Only((1,)),
+    "n": Interval(1, MAX_N),
     "stop": Check(_stop),
     "presence_penalty": _PENALTY,
     "frequency_penalty": _PENALTY,
@@ -183,6 +240,11 @@ SAMPLING_RULES: dict[str, Any] = {
     "top_k": Check(_top_k, {"minimum": -1}),
     "min_tokens": Interval(0),
     "repetition_penalty": Interval(0.0, lo_open=True),
+    "response_format": Check(_response_format),
+    "guided_json": Check(_guided_json),
+    "guided_regex": Check(_nonempty_text),
+    "guided_grammar": Check(_nonempty_text),
+    "guided_choice": Check(_guided_choice, {"minItems": 1}),
 }
 COMPLETION_RULES: dict[str, Any] = {
     **SAMPLING_RULES,
@@ -196,7 +258,6 @@ CHAT_RULES: dict[str, Any] = {
     "messages": Check(_messages, {"minItems": 1}),
     "max_completion_tokens": Interval(1),
     "top_logprobs": _LOGPROBS,
-    "tools": Unsupported(),
-    "tool_choice": Only(("none",)),
-    "response_format": Check(_response_format),
+    "tools": Check(_tools),
+    "tool_choice": Check(_tool_choice),
 }
