@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 
 from hf_turbo import Engine, SamplingParams
 from hf_turbo.loading import load_model_and_tokenizer
+from hf_turbo.serve.launch import free_port
 from hf_turbo.testing import fixture_path
 from hf_turbo.testing.tiny import tiny_model
 
@@ -22,12 +22,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 PROMPTS = ("def main(", "import os\n", "class Foo:")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_serve_tensor_parallel_answers_openai_client(model_dir):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "hf_turbo.cli", "serve", "--model", str(model_dir), "--tensor-parallel-size", "2",
            "--device", "cpu", "--dtype", "float32", "--port", str(port), "--api-key", "k3y"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from hf_turbo import Engine, SamplingParams
 from hf_turbo.engine.distributed import local_kv_layout, model_tp_size
+from hf_turbo.serve.launch import free_port
 from hf_turbo.testing.exactness import explain_divergence
 from hf_turbo.testing.tiny import tiny_model
 
@@ -27,12 +27,6 @@ ARCHS = ("llama", "qwen3", "mixtral")
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import _tp_worker as worker  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def tp_run(tmp_path_factory):
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "_tp_worker.py"), str(out), *paths]
+           "--master_port", str(free_port()), str(HERE / "_tp_worker.py"), str(out), *paths]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, out

@@ -17,10 +17,11 @@ import socket
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_tensor_parallel"]
+__all__ = ["run_tensor_parallel", "free_port"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that is free now (the process group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +38,7 @@ def run_tensor_parallel(args: argparse.Namespace) -> int:
         raise ValueError(f"--tensor-parallel-size {size} needs {size} GPUs; {torch.cuda.device_count()} visible")
     if not cuda:  # the ranks share the CPU's cores: split them, or they oversubscribe each other
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // size)))
-    context = mp.start_processes(_rank_main, args=(args, size, _free_port(), cuda), nprocs=size, join=False,
+    context = mp.start_processes(_rank_main, args=(args, size, free_port(), cuda), nprocs=size, join=False,
                                  start_method="spawn")
     # Ctrl-C / SIGTERM reach this process only: pass them to rank 0, whose server then stops and closes the
     # group (the other ranks leave their loops), and keep waiting for all of them
