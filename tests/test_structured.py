@@ -20,7 +20,7 @@ from hf_turbo.testing.exactness import masked_batch
 
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
-import xgrammar.contrib.hf  # noqa: E402
+import xgrammar.contrib.hf  # noqa: E402, F401  (loads the transformers processor)
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
