@@ -19,6 +19,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from hf_turbo import Engine, SamplingParams
+from hf_turbo.config import SpeculativeConfig
 from hf_turbo.engine import AsyncEngine
 
 NEW = 10
@@ -99,6 +100,23 @@ def main() -> None:
             sync.follow()
             info.update(sync.tp.stats.__dict__)
         info["pool_heads_after"] = sync.cache.key_pools[0].shape[2]
+        # n-gram speculation: rank 0 alone proposes and picks k; its proposals travel in the plans
+        spec = Engine(model, None, debug_checks=True, speculative=SpeculativeConfig(method="ngram", num_tokens=3))
+        if rank == 0:
+            repetitive = [p * 3 for p in prompts(vocab)[:4]]
+            outs = spec.generate(repetitive, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+            stats = spec.stats()
+            spec.close()
+            plain = Engine(model, None)
+            ref = plain.generate(repetitive, SamplingParams(max_new_tokens=NEW), use_tqdm=False)
+            plain.close()
+            info["spec_equal"] = [o.token_ids for o in outs] == [o.token_ids for o in ref]
+            info["spec_proposed"] = {k: v for k, v in stats.items() if "spec" in k or "accept" in k or "propos" in k}
+        else:
+            spec.follow()
+            plain = Engine(model, None)
+            plain.follow()
+            info["spec_follower"] = spec.tp.stats.__dict__
         with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
             json.dump(info, f)
     dist.destroy_process_group()

@@ -101,6 +101,15 @@ def test_tp_pools_hold_this_ranks_kv_heads(tp_run, arch):
     assert _load(out, f"{arch}.rank0.json")["num_blocks"] == _load(out, f"{arch}.rank1.json")["num_blocks"]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp_ngram_speculation_decided_on_rank_0(tp_run, arch):
+    _, out = tp_run
+    driver, follower = _load(out, f"{arch}.rank0.json"), _load(out, f"{arch}.rank1.json")
+    assert driver["spec_equal"] is True  # speculative greedy under TP == plain greedy under TP
+    assert driver["spec_proposed"]["spec_proposed"] > 0  # proposals were verified through the followers too
+    assert follower["spec_follower"]["tokens_mismatched"] == 0 and follower["spec_follower"]["steps"] > 0
+
+
 def test_tp_follower_engine_refuses_its_own_steps(tp_run):
     _, out = tp_run
     assert "follows rank 0" in _load(out, "llama.rank1.json")["refused"]
