@@ -1,10 +1,11 @@
-"""``SamplingParams(n=...)``: n samples of one prompt share its full KV blocks (reference-counted), each
-has its own key (seed + i), a seeded request's samples are reproducible and equal to the same request
-sent alone with that sample's seed, and no block leaks."""
+"""``SamplingParams(n=...)``: n samples of one prompt share its full KV blocks (reference-counted) and copy
+its last partial block (copy-on-write), each has its own key (seed + i), a seeded request's samples are
+reproducible and equal to the same request sent alone with that sample's seed, and no block leaks."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import hf_turbo
 from hf_turbo.sampling import SamplingParams
@@ -40,7 +41,11 @@ def test_n_samples_share_the_prompt_blocks_without_leaks(model):
     assert [eng.pool.ref_counts[b] for b in shared] == [4, 4]
     assert len({r.block_ids[2] for r in reqs}) == 4  # each its own last (partial) block
     assert eng.pool.num_used == 2 + 4
-    assert all(r.num_cached_tokens == 32 for r in reqs[1:])
+    # copy-on-write: the partial block was copied from the first sample, only the last prompt token computed
+    assert all(r.num_cached_tokens == len(PROMPT) - 1 for r in reqs[1:])
+    for layer in range(eng.cache.num_layers):
+        k = eng.cache.key_pools[layer]
+        assert all(torch.equal(k[r.block_ids[2]][:7], k[reqs[0].block_ids[2]][:7]) for r in reqs[1:])
     eng.check_invariants()
     eng.run_to_completion(ids)
     eng.check_invariants()

@@ -58,6 +58,8 @@ class Scheduler:
         self.on_release: Callable[[Request], None] | None = None  # called when a request gives its blocks back
         # writes a request's imported K/V into the blocks it was just given (Request.kv_import)
         self.on_import: Callable[[Request], None] | None = None
+        # copy-on-write of a prompt's last partial block: on_copy(src block, dst block) copies its K/V
+        self.on_copy: Callable[[int, int], None] | None = None
 
     # -- queue management -----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -160,6 +162,7 @@ class Scheduler:
                 cached = self.pool.match_prefix(hashes)
                 req.block_ids = cached
                 req.num_computed = len(cached) * self.block_size
+                self._copy_partial_block(req)
                 req.num_cached_tokens = max(req.num_cached_tokens, req.num_computed)
             n = min(req.num_tokens - req.num_computed, budget)
             need = self._blocks_needed(req, req.num_computed + n)
@@ -177,6 +180,22 @@ class Scheduler:
             if producing is not None:  # it is now a running prefill too
                 producing.update(self._unfinished_block_hashes(req))
         return out
+
+    def _copy_partial_block(self, req: Request) -> None:
+        """After a prefix hit: when a running request (one of ``n`` samples, or the same prompt) has computed
+        the rest of this prompt but its last token in the block after the shared ones, copy that block
+        instead of computing it again (the last token is computed for its logits)."""
+        k, bs, end = len(req.block_ids), self.block_size, req.num_tokens - 1
+        if self.on_copy is None or k == 0 or not k * bs < end <= (k + 1) * bs or not self.pool.num_free:
+            return
+        for src in self.running:
+            if len(src.block_ids) > k and src.block_ids[k - 1] == req.block_ids[k - 1] \
+                    and src.num_computed >= end and src.token_ids[k * bs:end] == req.token_ids[k * bs:end]:
+                block = self.pool.allocate(1)[0]
+                self.on_copy(src.block_ids[k], block)
+                req.block_ids.append(block)
+                req.num_computed = end
+                return
 
     def _blocks_in_production(self) -> set[bytes]:
         """Hashes of the full blocks that running prefills have yet to compute (and will then cache)."""

@@ -1,8 +1,9 @@
 """The ``n`` choices of one request: ``n`` engine streams submitted together and read as one.
 
 Sample ``i`` runs with seed ``seed + i`` (``SamplingParams.samples``). Submitted in the same tick, the
-samples after the first wait for its prefill and then take its full prompt blocks from the prefix cache
-(shared, reference-counted), computing only the prompt's last partial block themselves.
+samples after the first wait for its prefill, then take its full prompt blocks from the prefix cache
+(shared, reference-counted) and a copy of its last partial block (copy-on-write), computing only the
+prompt's last token themselves.
 """
 
 from __future__ import annotations
