@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from hf_turbo import Engine, SamplingParams
+from hf_turbo import Engine, SamplingParams, accelerate, restore
 from hf_turbo.config import SpeculativeConfig
 from hf_turbo.engine import AsyncEngine
 
@@ -72,6 +72,23 @@ async def drive_async(engine: AsyncEngine, vocab: int) -> list[int]:
         return await cancelled_stream(engine, prompts(vocab)[2])
 
 
+def symmetric(model, vocab: int) -> dict:
+    """The same calls on every rank (a plain script under torchrun): Engine.generate and accelerate()d generate()
+    return rank 0's outputs everywhere; close() and restore() end the group on every rank."""
+    engine = Engine(model, None)
+    ps = prompts(vocab)
+    out = {"symmetric": [o.token_ids for o in engine.generate(ps, SamplingParams(max_new_tokens=NEW), use_tqdm=False)]}
+    engine.close()
+    accelerate(model)
+    try:
+        ids = torch.tensor([ps[2], ps[2]])
+        out["generate"] = model.generate(ids, max_new_tokens=NEW, do_sample=False)[:, len(ps[2]):].tolist()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out["generate"] = f"{type(exc).__name__}: {exc}"
+    restore(model)
+    return out
+
+
 def main() -> None:
     out_dir, paths = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)
@@ -117,6 +134,7 @@ def main() -> None:
             plain = Engine(model, None)
             plain.follow()
             info["spec_follower"] = spec.tp.stats.__dict__
+        info.update(symmetric(model, vocab))
         with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
             json.dump(info, f)
     dist.destroy_process_group()

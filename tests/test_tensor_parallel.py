@@ -110,6 +110,16 @@ def test_tp_ngram_speculation_decided_on_rank_0(tp_run, arch):
     assert follower["spec_follower"]["tokens_mismatched"] == 0 and follower["spec_follower"]["steps"] > 0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp_same_calls_on_every_rank_return_rank_0s_outputs(tp_run, arch):
+    _, out = tp_run
+    greedy = _load(out, f"{arch}.json")["greedy"]
+    for rank in (0, 1):
+        info = _load(out, f"{arch}.rank{rank}.json")
+        assert info["symmetric"] == greedy  # Engine.generate on both ranks
+        assert info["generate"] == [greedy[2], greedy[2]]  # accelerate()d model.generate() on both ranks
+
+
 def test_tp_follower_engine_refuses_its_own_steps(tp_run):
     _, out = tp_run
     assert "follows rank 0" in _load(out, "llama.rank1.json")["refused"]

@@ -31,10 +31,11 @@ from hf_turbo.cache.paged_cache import kv_layout
 logger = logging.getLogger(__name__)
 
 __all__ = ["TPGroup", "PlanSender", "local_kv_layout", "kv_bytes_per_block", "agree_num_blocks", "model_tp_size",
-           "tensor_parallel", "attach", "STOP", "STEP"]
+           "tensor_parallel", "attach", "STOP", "STEP", "RUN_END"]
 
 STEP = "step"
 STOP = "stop"
+RUN_END = "run_end"  # rank 0's run_to_completion ended: (RUN_END, outputs or None, error text or None)
 # Followers wait for rank 0's next plan for as long as the server is idle: the group's timeout only bounds a
 # rank 0 that is alive but silent (a dead one closes its sockets, which ends the wait at once).
 IDLE_TIMEOUT = timedelta(days=30)
@@ -196,6 +197,19 @@ class PlanSender:
             raise RuntimeError("the tensor-parallel group is closed: this engine cannot run another step")
         self.group.send(self.plan(scheduled, logit_rows))
         return self.runner.execute(scheduled, logit_rows)
+
+    def run_to_completion(self, run, request_ids, on_output=None) -> list:
+        """Rank 0's ``Engine.run_to_completion``: ``run`` it, then send its outputs (or its error) to the
+        followers, whose own call returns them (a script that runs the same calls on every rank)."""
+        try:
+            outputs = run(request_ids, on_output)
+        except BaseException as exc:
+            if not self._closed:
+                self.group.send((RUN_END, None, f"{type(exc).__name__}: {exc}"))
+            raise
+        if not self._closed:
+            self.group.send((RUN_END, outputs, None))
+        return outputs
 
     def close(self) -> None:
         """Tell the followers to leave their loops (idempotent)."""

@@ -364,7 +364,13 @@ class Engine:
         """Step until every request in ``request_ids`` has finished; outputs in that order.
 
         ``on_output(out)`` sees each of their step outputs (streaming). On any error or interrupt the
-        unfinished ones are aborted (their blocks freed) before it propagates."""
+        unfinished ones are aborted (their blocks freed) before it propagates. In a tensor-parallel group
+        every rank calls it: rank 0 runs the requests, the others follow and return rank 0's outputs."""
+        if self.tp is not None:
+            return self.tp.run_to_completion(self._run_to_completion, request_ids, on_output)
+        return self._run_to_completion(request_ids, on_output)
+
+    def _run_to_completion(self, request_ids: Sequence[str], on_output=None) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         pending = set(request_ids)
         try:

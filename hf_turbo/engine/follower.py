@@ -10,12 +10,13 @@ its tokens are rank 0's (keyed sampling makes them equal wherever the logits are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from hf_turbo.engine.distributed import STEP, STOP, TPGroup
+from hf_turbo.engine.distributed import RUN_END, STEP, STOP, TPGroup
 from hf_turbo.sampling import RowState, sample
 
 logger = logging.getLogger(__name__)
@@ -69,23 +70,60 @@ class Follower:
         self.check_sampling = engine.config.debug_checks if check_sampling is None else check_sampling
         self.shadows: dict[str, _Shadow] = {}
         self.stats = FollowStats()
+        self.run_end: tuple | None = None  # (outputs, error) of rank 0's latest run_to_completion
+        self.stopped = False  # rank 0 closed the group
 
     def run(self) -> FollowStats:
         """Follow until rank 0 closes the group (its ``close()``); returns the counts."""
-        while True:
-            message = self.group.recv()
-            if message[0] == STOP:
-                break
-            if message[0] != STEP:
-                raise RuntimeError(f"unknown tensor-parallel message {message[0]!r}")
-            self.step(*message[1:])
+        while not self.stopped:
+            self._next()
         for shadow in self.shadows.values():
             self.engine.cache.contiguous.drop(shadow)
         self.shadows.clear()
         return self.stats
 
+    def _next(self) -> str:
+        """Receive and apply one message; returns its kind (the outcome of a run is kept in ``run_end``)."""
+        message = self.group.recv()
+        kind = message[0]
+        if kind == STEP:
+            self.step(*message[1:])
+        elif kind == RUN_END:
+            self.run_end = message[1:]
+        elif kind == STOP:
+            self.stopped = True
+        else:
+            raise RuntimeError(f"unknown tensor-parallel message {kind!r}")
+        return kind
+
+    def run_to_completion(self, run, request_ids, on_output=None) -> list:
+        """A follower's ``Engine.run_to_completion``: its own requests never run (only rank 0 schedules, the
+        same calls made it queue the same ones); follow rank 0 until its run ends and return its outputs."""
+        for rid in request_ids:
+            self.engine.abort(rid)  # never scheduled here: nothing to free but the entry
+        while True:
+            kind = self._next()
+            if kind == STOP:
+                raise RuntimeError("rank 0 closed the tensor-parallel group during a run")
+            if kind == RUN_END:
+                break
+        outputs, error = self.run_end
+        if error is not None:
+            raise RuntimeError(f"rank 0's run failed: {error}")
+        if len(outputs) != len(request_ids):
+            raise RuntimeError(f"rank 0 ran {len(outputs)} requests where this rank queued {len(request_ids)}: "
+                               "every rank must make the same calls")
+        outputs = [dataclasses.replace(o, request_id=rid) for o, rid in zip(outputs, request_ids)]
+        for out in outputs:
+            if on_output is not None:
+                on_output(out)
+        return outputs
+
     def close(self) -> None:
-        """Nothing to release: rank 0 ends the group."""
+        """The follower's ``Engine.close``: wait for rank 0's own ``close`` (a script that makes the same calls on
+        every rank closes every rank's engine), unless the group was closed already."""
+        while not self.stopped:
+            self._next()
 
     def step(self, released: list, entries: list, rows: list[list[int]] | None) -> None:
         """One plan: drop the released shadows, update the scheduled ones, run the forward."""
