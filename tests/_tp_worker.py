@@ -23,11 +23,17 @@ from hf_turbo.config import SpeculativeConfig
 from hf_turbo.engine import AsyncEngine
 
 NEW = 10
+N2 = SamplingParams(max_new_tokens=NEW, n=2, temperature=0.8, seed=7)
 
 
 def prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 7, 12, 21, 33, 5)]
+
+
+def fresh_prompts(vocab: int) -> list[list[int]]:
+    """Prompts no earlier run has put in the prefix cache."""
+    return [list(reversed(p)) for p in prompts(vocab)[2:5]]
 
 
 async def cancelled_stream(engine: AsyncEngine, prompt: list[int]) -> list[int]:
@@ -47,6 +53,9 @@ def drive(engine: Engine, vocab: int) -> dict:
     out["seeded"] = [o.token_ids for o in engine.generate(ps, seeded, use_tqdm=False)]
     out["unseeded"] = [o.token_ids for o in engine.generate(ps, SamplingParams(max_new_tokens=NEW, temperature=1.0),
                                                             use_tqdm=False)]
+    # n samples of one prompt share its blocks: the second copies the prompt's last partial block (copy-on-write)
+    out["n2"] = [o.token_ids for o in engine.generate(fresh_prompts(vocab), N2, use_tqdm=False)]
+    out["n2_copies"] = engine.runner.num_copies
     # an abort in the middle of a run: one request loses its blocks while the others keep stepping
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW)) for p in ps[:3]]
     engine.step()

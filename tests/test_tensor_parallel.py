@@ -52,12 +52,12 @@ def _load(out: Path, name: str) -> dict:
     return json.loads((out / name).read_text())
 
 
-def _single_process(path: Path, params) -> tuple:
+def _single_process(path: Path, params, prompts_of=worker.prompts) -> tuple:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = Engine(model, None)
-    prompts = worker.prompts(model.config.vocab_size)
+    prompts = prompts_of(model.config.vocab_size)
     return model, prompts, [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
 
 
@@ -85,6 +85,8 @@ def test_tp_seeded_sampling_matches_single_process_and_both_ranks(tp_run, arch):
     seeded = [SamplingParams(max_new_tokens=worker.NEW, temperature=0.9, top_k=20, seed=100 + i) for i in range(6)]
     _, _, ref = _single_process(root / arch, seeded)
     assert got["seeded"] == ref
+    _, _, ref_n2 = _single_process(root / arch, worker.N2, worker.fresh_prompts)
+    assert got["n2"] == ref_n2 and got["n2_copies"] > 0  # n = 2 under copy-on-write, replayed by the follower
     follower = _load(out, f"{arch}.rank1.json")
     # rank 1 sampled every row itself (seeded, unseeded with rank 0's broadcast seeds, greedy) and got rank 0's tokens
     assert follower["tokens_checked"] >= 3 * 6 * worker.NEW

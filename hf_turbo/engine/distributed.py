@@ -150,6 +150,8 @@ class PlanSender:
         self.check_sampling = check_sampling
         self._sent: dict[str, _Sent] = {}
         self._released: list[tuple[str, int, list[int]]] = []
+        self._copies: list[tuple[int, int]] = []
+        self.num_copies = 0  # block copies sent to the followers
         self._closed = False
         previous = scheduler.on_release
 
@@ -159,6 +161,15 @@ class PlanSender:
             self._release(req)
 
         scheduler.on_release = on_release
+        copy = getattr(scheduler, "on_copy", None)
+        if copy is not None:  # copy-on-write of a block: the followers copy it in their pools too
+
+            def on_copy(src: int, dst: int) -> None:
+                copy(src, dst)
+                self._copies.append((src, dst))
+                self.num_copies += 1
+
+            scheduler.on_copy = on_copy
 
     def __getattr__(self, name: str):  # lean_verified, lean, model, cache, ...: the wrapped runner's
         return getattr(self.runner, name)
@@ -169,7 +180,8 @@ class PlanSender:
             self._released.append((req.request_id, sent.num_tokens, req.token_ids[sent.num_tokens:]))
 
     def plan(self, scheduled: list, rows: list[list[int]] | None) -> tuple:
-        """The message for one step: (STEP, released, entries, rows); each entry is ``(request id,
+        """The message for one step: (STEP, released, copies, entries, rows); ``copies`` are the (src, dst) block
+        copies made since the last plan, in order; each entry is ``(request id,
         num_computed, n, tail start, tail tokens, block ids, proposals, first-sight fields or None)``."""
         entries = []
         for req, n in scheduled:
@@ -190,7 +202,8 @@ class PlanSender:
                             list(req.spec_tokens), first))
             sent.num_tokens = len(req.token_ids)
         released, self._released = self._released, []
-        return (STEP, released, entries, rows)
+        copies, self._copies = self._copies, []
+        return (STEP, released, copies, entries, rows)
 
     def execute(self, scheduled: list, logit_rows: list[list[int]] | None = None) -> torch.Tensor:
         if self._closed:

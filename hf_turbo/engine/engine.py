@@ -132,9 +132,8 @@ class Engine:
         self.num_steps = 0
         self._step_start = 0.0  # when the running step's forward began (speculation's cost model)
         self.num_prompt_tokens = 0
+        self.scheduler.on_copy = self.cache.copy_block  # copy-on-write of a shared prompt's last block
         self.tp = tensor_parallel(self)  # None, or this rank's part in a tensor-parallel group
-        if self.tp is None:  # copy-on-write of a shared prompt's last block (the followers replay no copies)
-            self.scheduler.on_copy = self.cache.copy_block
         logger.info("Engine: %d KV blocks of %d tokens (%s, %s)", nblocks, config.cache.block_size,
                     param.dtype, self.device)
 

@@ -125,14 +125,16 @@ class Follower:
         while not self.stopped:
             self._next()
 
-    def step(self, released: list, entries: list, rows: list[list[int]] | None) -> None:
-        """One plan: drop the released shadows, update the scheduled ones, run the forward."""
+    def step(self, released: list, copies: list, entries: list, rows: list[list[int]] | None) -> None:
+        """One plan: drop the released shadows, copy the copied blocks, update the scheduled ones, run the forward."""
         drop = self.engine.cache.contiguous.drop
         for rid, start, tail in released:
             shadow = self.shadows.pop(rid, None)
             if shadow is not None:
                 self._check(shadow, start, tail)
                 drop(shadow)
+        for src, dst in copies:
+            self.engine.cache.copy_block(src, dst)
         scheduled = []
         for rid, num_computed, n, start, tail, block_ids, spec, first in entries:
             shadow = self.shadows.get(rid)
