@@ -47,7 +47,7 @@ def replicas():
 @pytest.fixture(scope="module")
 def reference():
     model, tok = load_model_and_tokenizer("fixture", dtype=torch.float32, device="cpu")
-    outs = Engine(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=8), use_tqdm=False)
+    outs = Engine(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=8, min_new_tokens=8), use_tqdm=False)
     return [o.text for o in outs]
 
 
@@ -55,7 +55,8 @@ async def _complete_all(url: str, timeout: float = 120, max_tokens: int = 8) -> 
     async with httpx.AsyncClient(timeout=timeout) as client:
         return await asyncio.gather(*[
             client.post(url + "/v1/completions", headers=AUTH,
-                        json={"model": "fixture", "prompt": p, "max_tokens": max_tokens, "temperature": 0})
+                        json={"model": "fixture", "prompt": p, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                              "temperature": 0})
             for p in PROMPTS])
 
 
@@ -90,11 +91,13 @@ def test_killed_replica_is_restarted_and_no_client_hangs(replicas, reference):
     before = _replica_actors()
     assert len(before) == 2
     model, tok = load_model_and_tokenizer("fixture", dtype=torch.float32, device="cpu")
-    longer = [o.text for o in Engine(model, tok).generate(PROMPTS, SamplingParams(max_new_tokens=64), use_tqdm=False)]
+    params = SamplingParams(max_new_tokens=200, min_new_tokens=200)
+    longer = [o.text for o in Engine(model, tok).generate(PROMPTS, params, use_tqdm=False)]
 
     async def load_and_kill():
-        task = asyncio.ensure_future(_complete_all(replicas, timeout=90, max_tokens=64))
-        await asyncio.sleep(1.0)  # requests are in flight on both replicas
+        task = asyncio.ensure_future(_complete_all(replicas, timeout=90, max_tokens=200))
+        await asyncio.sleep(1.0)
+        assert not task.done()  # requests are in flight on both replicas when one dies
         name, namespace = before[0]
         ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         return await task
