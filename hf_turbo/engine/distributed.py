@@ -183,11 +183,11 @@ class PlanSender:
         """The message for one step: (STEP, released, copies, entries, rows); ``copies`` are the (src, dst) block
         copies made since the last plan, in order; each entry is ``(request id,
         num_computed, n, tail start, tail tokens, block ids, proposals, first-sight fields or None)``."""
+        if any(req.kv_import is not None for req, _ in scheduled):  # before any state changes: nothing is sent
+            raise ValueError("an imported KV cache (generate() continuing past_key_values) cannot be split "
+                             "over tensor-parallel ranks")
         entries = []
         for req, n in scheduled:
-            if req.kv_import is not None:
-                raise ValueError("an imported KV cache (generate() continuing past_key_values) cannot be split "
-                                 "over tensor-parallel ranks")
             sent = self._sent.get(req.request_id)
             first = None
             if sent is None:
