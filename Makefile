@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev]"
 	@# the CPU extension is compiled here, once, rather than inside the first process that needs it
-	-$(PY) -c 'from hf_turbo.kernels import cpu_ext; cpu_ext.build_ahead()'
+	-$(PY) -c 'from hf_turbo.backends.cpu import ext; ext.build_ahead()'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     if args.cpu_dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton / hf_turbo.kernels imports
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton / hf_turbo.backends imports
     import torch
 
     if not args.cpu_dry_run and not torch.cuda.is_available():
@@ -57,11 +57,12 @@ class Context:
         import torch
         import triton
 
-        from hf_turbo import kernels
+        from hf_turbo.backends import kernels
+        from hf_turbo.backends.triton import flash_attention, paged_attention
 
         self.torch, self.triton, self.kernels = torch, triton, kernels
-        self.paged_mod = sys.modules["hf_turbo.kernels.paged_attention"]
-        self.flash_mod = sys.modules["hf_turbo.kernels.flash_attention"]
+        self.paged_mod = paged_attention
+        self.flash_mod = flash_attention
         self.device, self.dry, self.t0 = device, dry, time.perf_counter()
         self.gen = torch.Generator(device=device).manual_seed(0)
 

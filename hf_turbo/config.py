@@ -8,7 +8,7 @@ from typing import Any
 
 __all__ = ["CacheConfig", "SpeculativeConfig", "TurboConfig"]
 
-_BACKENDS = ("auto", "triton", "reference")
+_BACKENDS = ("auto", "triton", "reference", "cpu")
 _SPEC_METHODS = ("draft", "ngram")
 
 
@@ -21,7 +21,7 @@ class CacheConfig:
     the peak of a profiling forward at the step token budget (``engine/memory.py``); on the CPU it
     takes ``cpu_kv_bytes``; capped at twice the blocks that
     ``max_num_seqs`` sequences of the model's maximum length need. On the CPU the running sequences
-    also keep a contiguous copy of their K/V (``cache/contiguous.py``): up to as much memory again
+    also keep a contiguous copy of their K/V (the CPU backend, ``backends/cpu/rows.py``): up to as much memory again
     as their blocks hold, allocated as they grow and freed when they finish.
     """
 
@@ -95,7 +95,10 @@ class TurboConfig:
     turns on speculative decoding (per request it still obeys ``SamplingParams.speculative``).
     ``lean_forward`` lets the engine run stock Llama, Mistral, Qwen2 and Qwen3 models through the
     same ops without transformers' module machinery (``engine/lean.py``; checked bit for bit against
-    the model's own forward before the first step); False always calls the model.
+    the model's own forward before the first step); False always calls the model. ``backend``
+    picks the attention backend (``hf_turbo.backends``): ``"auto"`` (Triton on CUDA, the CPU backend on
+    the CPU), ``"triton"``, ``"reference"`` (torch ops only) or ``"cpu"``; the environment variable
+    ``HF_TURBO_BACKEND`` overrides it for a whole process.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)

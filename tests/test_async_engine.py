@@ -14,7 +14,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_turbo.cache import vmem
+from hf_turbo.backends.cpu import vmem
 from hf_turbo.engine import AsyncEngine, EngineOverloaded, StreamOutput
 from hf_turbo.engine.detokenizer import IncrementalDetokenizer
 from hf_turbo.engine.engine import Engine
@@ -236,7 +236,7 @@ def test_abort_cancel_close_under_load(tiny, shared_prefix):
             assert s["requests_aborted"] >= 10
             if shared_prefix:
                 assert s["prefix_cache_hit_rate"] > 0
-                assert eng.engine.cache.contiguous.shares_pages or not vmem.supported()
+                assert eng.engine.cache.backend_state.shares_pages or not vmem.supported()
             # finished ids are free again
             again = await asyncio.gather(*(collect(eng, prompts[i], params[i], f"r{i}") for i in range(4)))
             await barrier(eng)

@@ -9,9 +9,9 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
-from hf_turbo.cache import vmem
-from hf_turbo.cache.contiguous import ContiguousKV
-from hf_turbo.kernels.reference import _gather_keys, paged_attention_ref, sequence_attention_ref
+from hf_turbo.backends.cpu import vmem
+from hf_turbo.backends.cpu.rows import ContiguousKV
+from hf_turbo.backends.torch_kernels import gather_keys, paged_attention_ref, sequence_attention_ref
 from hf_turbo.testing import tiny_model
 
 BS, H_KV, D = 4, 2, 8
@@ -46,7 +46,7 @@ def test_extend_fills_from_pool_appends_and_grows():
     for p in range(40, 150):
         kb, vb = mirror.extend(1, seq, p, k[p:p + 1], v[p:p + 1], kp, vp, table)
     assert torch.equal(kb, k) and torch.equal(vb, v)
-    assert torch.equal(kb, _gather_keys(kp, table, 0, 150))
+    assert torch.equal(kb, gather_keys(kp, table, 0, 150))
     assert seq in mirror and len(mirror) == 1 and mirror.nbytes() > 0
 
 
@@ -102,8 +102,8 @@ def test_sequence_attention_equals_paged_reference_bitwise(window, softcap, deco
         cu.append(cu[-1] + n)
     ref = paged_attention_ref(q, kp, vp, torch.tensor(cu, dtype=torch.int32), torch.tensor(ctx_lens, dtype=torch.int32),
                               table, scale=0.3, sliding_window=window, softcap=softcap)
-    keys = [_gather_keys(kp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
-    values = [_gather_keys(vp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
+    keys = [gather_keys(kp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
+    values = [gather_keys(vp, table[s], 0, n).transpose(0, 1).contiguous() for s, n in enumerate(ctx_lens)]
     got = sequence_attention_ref(q, cu, ctx_lens, keys, values, scale=0.3, sliding_window=window, softcap=softcap)
     assert torch.equal(got, ref)
     # the same keys in arenas (rows in a shuffled order, spare capacity past each length)
@@ -160,13 +160,13 @@ def test_engine_frees_copies_and_matches_block_table_path(monkeypatch):
         warm = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]  # prefix cache hits
         assert engine.stats()["prefix_cache_hit_rate"] > 0
         gc.collect()
-        assert len(engine.cache.contiguous) == 0  # every request released its copies
+        assert len(engine.cache.backend_state) == 0  # every request released its copies
 
         original = runner_mod.ForwardContext
         monkeypatch.setattr(runner_mod, "ForwardContext", lambda *a, **kw: original(*a, **{**kw, "seqs": None}))
-        engine.cache.contiguous.clear()
+        engine.cache.backend_state.clear()
         paged = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]  # block tables only
-        assert len(engine.cache.contiguous) == 0
+        assert len(engine.cache.backend_state) == 0
         assert cold == warm == paged
     finally:
         hf_turbo.restore(model)
@@ -213,8 +213,8 @@ def _forward(mirror, kp, vp, seqs, tables, starts, news, layers=(0,)):
 def _assert_mirrors_pool(ka, va, plan, lens, tables, kp, vp):
     for i, slot in enumerate(plan.slots):
         table = torch.tensor(tables[i], dtype=torch.int32)
-        assert torch.equal(ka[slot, :, :lens[i]], _gather_keys(kp, table, 0, lens[i]).transpose(0, 1))
-        assert torch.equal(va[slot, :, :lens[i]], _gather_keys(vp, table, 0, lens[i]).transpose(0, 1))
+        assert torch.equal(ka[slot, :, :lens[i]], gather_keys(kp, table, 0, lens[i]).transpose(0, 1))
+        assert torch.equal(va[slot, :, :lens[i]], gather_keys(vp, table, 0, lens[i]).transpose(0, 1))
 
 
 @needs_pages

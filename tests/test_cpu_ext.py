@@ -1,5 +1,6 @@
-"""The batched CPU decode attention (kernels/cpu_ext.py): bitwise the per-sequence SDPA calls, used by the
-engine, and a clean fallback when it cannot be used."""
+"""The CPU backend's C++ ops (backends/cpu/ext.py, csrc/): the batched decode attention bitwise the per-sequence
+SDPA calls and used by the engine, the other ops bitwise what they replace, and a clean fallback when they
+cannot be used."""
 
 from __future__ import annotations
 
@@ -11,16 +12,26 @@ import torch.nn.functional as F
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
-from hf_turbo.kernels import cpu_ext
-from hf_turbo.kernels.reference import sequence_attention_ref
+from hf_turbo.backends.cpu import ext as cpu_ops
+from hf_turbo.backends.torch_kernels import sequence_attention_ref
 from hf_turbo.testing import tiny_model
 
 
 @pytest.fixture(scope="module")
 def ext():
-    if not cpu_ext.available():
+    """The built extension module (its raw ops), where it built and its decode attention passed its check."""
+    if cpu_ops.decode_attention() is None:
         pytest.skip("the CPU decode attention did not build or failed its self-check here (see the log)")
-    return cpu_ext
+    return cpu_ops.load()
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Each op decided again inside the test (and again after it, with the real build)."""
+    cpu_ops.clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu_ops.clear()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -97,7 +108,8 @@ def test_engine_uses_it_and_matches_stock(ext, monkeypatch):
     model = tiny_model("llama", seed=3)
     calls = []
     real = ext.decode_attention
-    monkeypatch.setattr(cpu_ext, "decode_attention", lambda *a: calls.append(a[3].numel()) or real(*a))
+    counting = lambda *a: calls.append(a[3].numel()) or real(*a)  # noqa: E731
+    monkeypatch.setattr(cpu_ops, "decode_attention", lambda: counting)  # what the CPU backend takes at build
     prompts = [[(7 * i + j) % 200 + 1 for j in range(5 + 9 * i)] for i in range(5)]
     want = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
             for p in prompts]
@@ -108,14 +120,15 @@ def test_engine_uses_it_and_matches_stock(ext, monkeypatch):
     assert calls and max(calls) == len(prompts)  # decode steps went through the extension, all at once
 
 
-def test_failed_self_check_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
-    monkeypatch.setattr(cpu_ext, "_module", None)
-    monkeypatch.setattr(cpu_ext, "_build", lambda: object())
-    monkeypatch.setattr(cpu_ext, "_self_check", lambda module: "L=17: max abs difference 1e-07")
-    with caplog.at_level(logging.WARNING, logger="hf_turbo.kernels.cpu_ext"):
-        assert not cpu_ext.available()
-        assert not cpu_ext.available()  # decided once
+def test_failed_self_check_falls_back(fresh, caplog):
+    real = cpu_ops.load()
+    if real is None:
+        pytest.skip("the extension did not build here")
+    fresh.setattr(cpu_ops, "_self_check", lambda module: "L=17: max abs difference 1e-07")
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.backends.cpu.ext"):
+        assert cpu_ops.decode_attention() is None
+        assert cpu_ops.decode_attention() is None  # decided once
+        assert cpu_ops.scatter_kv() is not None  # each op stands on its own check
     assert sum("differs from scaled_dot_product_attention" in r.message for r in caplog.records) == 1
     model = tiny_model("qwen2", seed=1)
     prompt = [5, 9, 2, 33, 7, 1]
@@ -128,25 +141,24 @@ def test_failed_self_check_falls_back(monkeypatch, caplog):
     assert got == want
 
 
-def test_failed_build_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
-    monkeypatch.setattr(cpu_ext, "_module", None)
-
+def test_failed_build_falls_back(fresh, caplog):
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(cpu_ext, "_build", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="hf_turbo.kernels.cpu_ext"):
-        assert not cpu_ext.available()
-    assert any("Ninja is required" in r.message for r in caplog.records)
-
-
-def test_env_turns_it_off(monkeypatch):
-    monkeypatch.setattr(cpu_ext, "_state", "unloaded")
-    monkeypatch.setattr(cpu_ext, "_module", None)
-    monkeypatch.setenv("HF_TURBO_NO_CPU_EXT", "1")
-    monkeypatch.setattr(cpu_ext, "_build", lambda: pytest.fail("built although turned off"))
-    assert not cpu_ext.available()
+    fresh.setattr(cpu_ops, "_build", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="hf_turbo.backends.cpu.ext"):
+        ops = [cpu_ops.decode_attention(), cpu_ops.scatter_kv(), cpu_ops.rope(), cpu_ops.rms_norm(),
+               cpu_ops.silu_mul(), cpu_ops.packed_gemm()]
+    assert ops == [None] * 6
+    assert sum("Ninja is required" in r.message for r in caplog.records) == 1  # one build attempt, one warning
+    model = tiny_model("llama", seed=2)
+    prompt = [5, 9, 2, 33, 7, 1]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    engine = Engine(model)
+    assert engine.backend.name == "cpu"  # the rows without the C++ ops
+    got = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0), use_tqdm=False)[0].token_ids
+    hf_turbo.restore(model)
+    assert got == want
 
 
 # -- the K/V writes and the rotary embedding -------------------------------------------------------------------
@@ -194,7 +206,7 @@ def test_rope_bitwise_equal_to_transformers(ext, t, d):
     """The one-call rotary embedding equals transformers' apply_rotary_pos_emb bit for bit (no FMA contraction)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    if not ext.rope_ready():
+    if cpu_ops.rope() is None:
         pytest.skip("the extension's rope failed its check here (see the log)")
     gen = torch.Generator().manual_seed(t * 1000 + d)
     q = torch.randn(1, t, 4, d, generator=gen).transpose(1, 2) * 50  # the layout the projections give
@@ -226,7 +238,7 @@ def test_rms_norm_bitwise_equal_to_transformers(ext, shape, threads):
     """One call, the same bits as LlamaRMSNorm's 7 ops: ATen's cascade sum order, no FMA contraction."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    if not ext.rms_norm_ready():
+    if cpu_ops.rms_norm() is None:
         pytest.skip("the extension's RMSNorm failed its check here (see the log)")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -250,7 +262,7 @@ def test_rms_norm_bitwise_equal_to_transformers(ext, shape, threads):
 def test_rms_norm_strided_input_is_still_exact(ext):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    if not ext.rms_norm_ready():
+    if cpu_ops.rms_norm() is None:
         pytest.skip("the extension's RMSNorm failed its check here (see the log)")
     norm = LlamaRMSNorm(64)
     with torch.no_grad():
@@ -271,7 +283,7 @@ def test_rms_norm_rejects_bad_input(ext):
 
 def test_silu_mul_bitwise_equal_to_torch(ext):
     """F.silu(gate) * up in one pass: the vector/scalar split of torch's loop, so every tail length matches."""
-    if not ext.silu_mul_ready():
+    if cpu_ops.silu_mul() is None:
         pytest.skip("the extension's silu_mul failed its check here (see the log)")
     gen = torch.Generator().manual_seed(99)
     for n in [*range(1, 100), 704, 11264, 16 * 1408, 32767]:

@@ -9,7 +9,7 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
-from hf_turbo.cache import vmem
+from hf_turbo.backends.cpu import vmem
 from hf_turbo.testing import tiny_model
 
 ARCHS = ("llama", "mistral", "qwen2", "gemma2", "gpt2", "phi3")
@@ -79,7 +79,7 @@ def test_greedy_equals_stock(arch, variation):
         if variation == "chunked_prefill":
             assert engine.stats()["steps"] > N_PROMPTS
         if variation.startswith("page_mapped") and vmem.supported():
-            assert engine.cache.contiguous.shares_pages
+            assert engine.cache.backend_state.shares_pages
         assert got == list(_stock(arch))
     finally:
         hf_turbo.restore(_model(arch))

@@ -145,7 +145,7 @@ def test_small_eval_passes_on_every_axis(cache):
 
 def test_planted_chunking_bug_is_caught_on_the_right_axis(cache, monkeypatch):
     """An off-by-one in the query positions of a continued prefill chunk: only chunked prefill breaks."""
-    from hf_turbo.kernels import reference
+    from hf_turbo.backends import torch_kernels as reference
 
     attend = reference._attend
 
@@ -171,20 +171,21 @@ def test_planted_chunking_bug_is_caught_on_the_right_axis(cache, monkeypatch):
 
 def test_planted_softmax_scale_bug_fails_every_axis_after_the_first_token(cache, monkeypatch):
     """A wrong scale in decode attention: every axis diverges, never at position 0 (prefill is right)."""
-    from hf_turbo.patches import attention
+    from hf_turbo.backends import cpu as cpu_backend
+    from hf_turbo.backends.cpu import ext as cpu_ops
 
-    original = attention.sequence_attention_ref
+    original = cpu_backend.sequence_attention_ref
 
     def wrong_decode_scale(q, q_starts, context_lens, keys, values, *, scale, **kw):
         decode_only = q.shape[0] == len(context_lens)  # every sequence has one new token
         return original(q, q_starts, context_lens, keys, values, scale=scale * (1.5 if decode_only else 1.0), **kw)
 
-    monkeypatch.setattr(attention, "sequence_attention_ref", wrong_decode_scale)
+    monkeypatch.setattr(cpu_backend, "sequence_attention_ref", wrong_decode_scale)
     # decode rows go through the batched CPU kernel where it is available: the same bug there
-    real_ext = attention.cpu_ext.decode_attention
-    monkeypatch.setattr(attention.cpu_ext, "decode_attention",
-                        lambda q, k, v, rows, slots, lens, scale, out: real_ext(q, k, v, rows, slots, lens, scale * 1.5,
-                                                                                out))
+    real_ext = cpu_ops.decode_attention()
+    if real_ext is not None:
+        wrong = lambda q, k, v, rows, slots, lens, scale, out: real_ext(q, k, v, rows, slots, lens, scale * 1.5, out)  # noqa: E731
+        monkeypatch.setattr(cpu_ops, "decode_attention", lambda: wrong)
     opts = EvalOptions(archs=("llama",), axes=("generate", "engine"), dtypes=("float32",), cache_dir=cache,
                        num_prompts=3, max_new_tokens=8, progress=False)
     results = run_eval(opts)

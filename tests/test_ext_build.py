@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-from hf_turbo.kernels import ext_build
+from hf_turbo.backends.cpu import build as ext_build
 
 
 def _source(tmp_path: Path, text: str = "int f() { return 1; }") -> Path:
@@ -65,7 +65,7 @@ def test_a_killed_builder_does_not_delay_the_next(tmp_path, monkeypatch):
     script = textwrap.dedent(f"""
         import time, torch.utils.cpp_extension as ce
         from pathlib import Path
-        from hf_turbo.kernels import ext_build
+        from hf_turbo.backends.cpu import build as ext_build
         def slow(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
             Path(build_directory, "lock").write_text("torch's own lock file, left behind")
             time.sleep(600)
@@ -103,8 +103,8 @@ def test_real_build_killed_midway_then_an_engine_starts(tmp_path):
     """The real extension: a build killed during compilation, then a new engine is ready within one build
     time plus 10 s (clean builds in their own directories, timed before and after)."""
     code = ("import torch; from hf_turbo import Engine; from hf_turbo.testing import tiny_model; "
-            "from hf_turbo.kernels import cpu_ext; e = Engine(tiny_model('llama')); "
-            "assert cpu_ext.available(); print(e.generate([[5, 6, 7]], use_tqdm=False)[0].token_ids)")
+            "from hf_turbo.backends.cpu import ext; e = Engine(tiny_model('llama')); "
+            "assert ext.decode_attention() is not None; print(e.generate([[5, 6, 7]], use_tqdm=False)[0].token_ids)")
 
     def run(ext_dir: Path, **kw):
         env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir)}

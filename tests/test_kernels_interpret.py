@@ -24,14 +24,14 @@ pytest.importorskip("triton")
 
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-from hf_turbo.kernels import flash_attention_varlen, paged_attention, store_kv  # noqa: E402
-from hf_turbo.kernels.flash_attention import flash_attention_varlen_triton  # noqa: E402
-from hf_turbo.kernels.paged_attention import paged_attention_triton  # noqa: E402
-from hf_turbo.kernels.reference import (  # noqa: E402
+from hf_turbo.backends import flash_attention_varlen, paged_attention, store_kv  # noqa: E402
+from hf_turbo.backends.torch_kernels import (  # noqa: E402
     flash_attention_varlen_ref,
     paged_attention_ref,
     store_kv_ref,
 )
+from hf_turbo.backends.triton.flash_attention import flash_attention_varlen_triton  # noqa: E402
+from hf_turbo.backends.triton.paged_attention import paged_attention_triton  # noqa: E402
 
 pytestmark = pytest.mark.interpret
 
@@ -39,10 +39,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 REPO = Path(__file__).resolve().parents[1]
 
 
-# @triton.jit picks interpreted or compiled kernels when hf_turbo.kernels is imported. If an earlier test
+# @triton.jit picks interpreted or compiled kernels when hf_turbo.backends.triton is imported. If an earlier test
 # module imported triton first (e.g. through hf_turbo.patches), the kernels here are compiled ones that
 # cannot run on CPU tensors: then this module runs itself in a subprocess with TRITON_INTERPRET=1.
-IN_PROCESS = isinstance(sys.modules["hf_turbo.kernels.paged_attention"]._paged_attn_fwd_kernel, InterpretedFunction)
+_PAGED = sys.modules["hf_turbo.backends.triton.paged_attention"]
+IN_PROCESS = isinstance(_PAGED._paged_attn_fwd_kernel, InterpretedFunction)
 
 
 @pytest.fixture(autouse=True)

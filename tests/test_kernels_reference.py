@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_turbo.kernels import flash_attention_varlen, paged_attention, store_kv
+from hf_turbo.backends import flash_attention_varlen, paged_attention, store_kv
 
 # ---------------------------------------------------------------------------------------------- factories
 
@@ -303,7 +303,8 @@ def test_triton_rejects_what_it_cannot_take():
 @pytest.mark.parametrize("lq,lk,window", [(5, 37, None), (40, 300, None), (3, 9, 4), (17, 120, 50), (1, 64, 8)])
 def test_cached_additive_mask_gives_the_bool_masks_bits(lq, lk, window):
     """The small-window path passes SDPA a cached 0/-inf mask: bitwise what the bool mask gives."""
-    from hf_turbo.kernels.reference import _attend, _causal_mask, _fold_group, _unfold_group
+    from hf_turbo.backends.torch_kernels import _attend, _fold_group, _unfold_group
+    from hf_turbo.backends.torch_kernels import causal_mask as _causal_mask
 
     g = torch.Generator().manual_seed(lq * 1000 + lk)
     q = torch.randn(lq, 4, 16, generator=g)

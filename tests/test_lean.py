@@ -68,13 +68,14 @@ def test_mixed_steps_through_lean_forward_equal_stock():
 
 def test_a_lean_forward_that_differs_is_dropped(caplog, monkeypatch):
     """A planted difference (no rotary embedding) fails the check: a warning, the model's forward, same tokens."""
-    from hf_turbo.kernels import cpu_ext
+    from hf_turbo.backends import STOCK_OPS
 
     model = tiny_model("llama")
     stock = _stock(model)
     engine = Engine(model)
     engine.runner.lean.apply_rope = lambda q, k, cos, sin: (q, k)
-    monkeypatch.setattr(cpu_ext, "rope_ready", lambda: False)  # make the lean forward take apply_rope
+    # make the lean forward take apply_rope (not a backend's one-call rope)
+    monkeypatch.setattr(engine.backend, "fused_ops", lambda model, hidden: STOCK_OPS)
     with caplog.at_level(logging.WARNING, logger="hf_turbo.engine.runner"):
         tokens = _engine_tokens(engine)
     assert tokens == stock
@@ -132,14 +133,16 @@ def test_other_architectures_call_the_model(arch):
 def test_one_call_norms_and_silu_equal_stock(arch, monkeypatch):
     """On the CPU the lean forward's RMSNorms (and Qwen3's q/k norms) and its MLP's silu(gate) * up are the
     extension's one-call versions."""
-    from hf_turbo.kernels import cpu_ext
+    from hf_turbo.backends.cpu import ext as cpu_ops
 
-    if not cpu_ext.available() or not cpu_ext.rms_norm_ready() or not cpu_ext.silu_mul_ready():
+    one_call, silu_mul = cpu_ops.rms_norm(), cpu_ops.silu_mul()
+    if one_call is None or silu_mul is None:
         pytest.skip("the extension's RMSNorm or silu_mul is not available here")
     calls, silu_calls = [], []
-    one_call, silu_mul = cpu_ext.rms_norm, cpu_ext.silu_mul
-    monkeypatch.setattr(cpu_ext, "rms_norm", lambda x, w, eps: calls.append(x.shape) or one_call(x, w, eps))
-    monkeypatch.setattr(cpu_ext, "silu_mul", lambda g, u: silu_calls.append(g.shape) or silu_mul(g, u))
+    counted_norm = lambda x, w, eps: calls.append(x.shape) or one_call(x, w, eps)  # noqa: E731
+    counted_silu = lambda g, u: silu_calls.append(g.shape) or silu_mul(g, u)  # noqa: E731
+    monkeypatch.setattr(cpu_ops, "rms_norm", lambda: counted_norm)  # what the CPU backend's ops take
+    monkeypatch.setattr(cpu_ops, "silu_mul", lambda: counted_silu)
     model = tiny_model(arch)
     stock = _stock(model)
     engine = Engine(model, config=hf_turbo.TurboConfig(debug_checks=True))

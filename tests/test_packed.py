@@ -1,4 +1,4 @@
-"""Packed linear weights (kernels/packed.py): bitwise F.linear for every token count, used only where checked."""
+"""Packed linear weights (backends/cpu/packed.py): bitwise F.linear for every token count, used only where checked."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from torch import nn
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
-from hf_turbo.kernels import cpu_ext, packed
-from hf_turbo.kernels.packed import PackedLinear
+from hf_turbo.backends.cpu import ext as cpu_ops
+from hf_turbo.backends.cpu import packed
+from hf_turbo.backends.cpu.packed import PackedLinear
 from hf_turbo.loading import load_model_and_tokenizer
 
 
 @pytest.fixture(scope="module")
 def ext():
-    if not cpu_ext.available() or not cpu_ext.packed_gemm_ready():
+    if cpu_ops.packed_gemm() is None:
         pytest.skip("the CPU extension or MKL's packed GEMM is not available here")
-    return cpu_ext
+    return cpu_ops.load()
 
 
 def _linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> nn.Linear:
@@ -81,7 +82,9 @@ def test_weight_changed_in_place_or_replaced_is_repacked(ext):
 def test_a_mismatch_is_never_used(ext, monkeypatch):
     lin = _linear(256, 704, bias=False, seed=3)
     monkeypatch.setattr(packed, "_verdicts", {})
-    monkeypatch.setattr(cpu_ext, "packed_linear", lambda x, p, n, k, b: F.linear(x, lin.weight, b) + 1e-3)
+    pack_weight, _ = cpu_ops.packed_gemm()
+    off = lambda x, p, n, k, b: F.linear(x, lin.weight, b) + 1e-3  # noqa: E731
+    monkeypatch.setattr(cpu_ops, "packed_gemm", lambda: (pack_weight, off))
     wrapped = PackedLinear(lin)
     x = torch.randn(1, 16, 256)
     with torch.inference_mode():
@@ -137,12 +140,12 @@ def _fixture_engine_vs_stock(budget_ok: bool, monkeypatch) -> Engine:
 
 def test_engine_decodes_on_packed_weights_and_equals_stock(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(True, monkeypatch)
-    wrappers = list(engine.runner.lean.linears.values())
+    wrappers = list(engine.backend.linears.values())
     assert len(wrappers) == 4 * 7 + 1  # every projection of the 4 layers, and the head
     assert all(w.hits > 0 for w in wrappers)  # all ran 16-token decode steps packed
 
 
 def test_over_budget_model_keeps_f_linear(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(False, monkeypatch)
-    wrappers = list(engine.runner.lean.linears.values())
+    wrappers = list(engine.backend.linears.values())
     assert len(wrappers) == 4 * 7 + 1 and all(w.packed is None and w.hits == 0 for w in wrappers)

@@ -2,21 +2,19 @@
 
 Per layer, keys and values are pools of shape [num_blocks, block_size, H_kv, D]. Which slots a
 forward writes, and which blocks each sequence reads, come from the :class:`ForwardContext` the
-engine's runner sets before the forward. ``update()`` scatters the new K/V into the pools (Triton
-on CUDA; on the CPU one ``cpu_ext.scatter_kv`` call, or index_copy) and returns the new K/V
-unchanged; the "hf_turbo" attention then reads each sequence's whole context from the pools through
-its block table.
+engine's runner sets before the forward. ``update()`` hands the new K/V to the engine's backend
+(``hf_turbo.backends``), which writes them into the pools, and returns them unchanged; the "hf_turbo"
+attention then asks the backend to read each sequence's whole context through its block table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
 
-from hf_turbo.cache.contiguous import ContiguousKV
-from hf_turbo.kernels import store_kv
+from hf_turbo.backends import Backend, get_backend
 
 __all__ = ["ForwardContext", "PagedKVCache", "kv_layout"]
 
@@ -35,14 +33,11 @@ class ForwardContext:
     block_tables: torch.Tensor  # [S, max_blocks] int32
     max_seqlen_q: int
     max_context_len: int
-    backend: str = "auto"
-    plan_cache: dict = field(default_factory=dict)  # per-forward metadata shared by all layers
-    # host copies of cu_seqlens_q / context_lens and the sequence objects (CPU contiguous-K/V path)
-    host_cu_seqlens_q: list[int] | None = None
-    host_context_lens: list[int] | None = None
-    seqs: list | None = None
-    mirror_plan: object | None = None  # ContiguousKV.plan of this forward, made by its first attention call
-    decode_batch: tuple | None = None  # (all single-query?, their rows, slots, lengths): for cpu_ext, made once
+    host_cu_seqlens_q: list[int]  # host copies of cu_seqlens_q and context_lens
+    host_context_lens: list[int]
+    backend: Backend
+    seqs: list | None = None  # the engine's sequences, in order (None: a forward outside them, e.g. a check)
+    meta: object = None  # the backend's metadata for this forward, made by ``backend.prepare`` before it runs
     # (layer, key, value) of the latest PagedKVCache.update: attention reads the pools of the layer its K/V
     # were written to, and only if it attends over exactly those tensors (see patches/attention.py)
     last_write: tuple | None = None
@@ -71,7 +66,8 @@ class PagedKVCache(Cache):
     is_compileable = False
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, dtype: torch.dtype,
-                 device: torch.device | str, kv_shape: tuple[int, int] | None = None) -> None:
+                 device: torch.device | str, kv_shape: tuple[int, int] | None = None,
+                 backend: Backend | None = None) -> None:
         super().__init__(layers=[])
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -81,7 +77,8 @@ class PagedKVCache(Cache):
         self.key_pools: list[torch.Tensor | None] = [None] * num_layers
         self.value_pools: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
-        self.contiguous = ContiguousKV(num_layers, block_size, num_blocks)  # used by the CPU attention path only
+        self.backend = backend if backend is not None else get_backend("auto", self.device)
+        self.backend_state = self.backend.new_cache_state(self)  # what the backend keeps beside the pools
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
             for i in range(num_layers):
                 self._allocate_layer(i, kv_shape)
@@ -126,11 +123,8 @@ class PagedKVCache(Cache):
         v = value_states[0].transpose(0, 1)
         if k.stride(-1) != 1 or v.stride(-1) != 1:  # e.g. K/V sliced out of a fused projection's last dim
             k, v = k.contiguous(), v.contiguous()
-        store_kv(k, v, self.key_pools[layer_idx], self.value_pools[layer_idx], self.ctx.slot_mapping,
-                 validate=False)  # the runner's slots: int64, all valid
+        self.ctx.backend.write_kv(self.ctx, layer_idx, k, v)  # the runner's slots: int64, all valid
         self.ctx.last_write = (layer_idx, key_states, value_states)
-        if self.ctx.seqs is None:  # the CPU mirror does not see this write
-            self.contiguous.invalidate()
         return key_states, value_states
 
     # -- what transformers' model and mask code asks of a cache --------------------------------
@@ -163,8 +157,12 @@ class PagedKVCache(Cache):
     def has_previous_state(self, *args, **kwargs) -> bool:
         return False
 
+    def forget_sequences(self) -> None:
+        """Drop what the backend keeps beside the pools for every sequence (the pools are kept)."""
+        self.backend_state = self.backend.new_cache_state(self)
+
     def reset(self) -> None:
-        self.contiguous.clear()
+        self.forget_sequences()
         for pool in self.key_pools + self.value_pools:
             if pool is not None:
                 pool.zero_()
@@ -187,7 +185,7 @@ class PagedKVCache(Cache):
         slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
         for pool, src in ((self.key_pools[layer_idx], key), (self.value_pools[layer_idx], value)):
             pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src.to(device=self.device, dtype=self.dtype))
-        self.contiguous.invalidate()
+        self.backend.invalidate(self)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (copy-on-write)."""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_turbo.backends import get_backend
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache
 from hf_turbo.config import TurboConfig
@@ -26,7 +27,6 @@ from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
 from hf_turbo.grammar.steps import StepGrammar
-from hf_turbo.kernels import cpu_ext
 from hf_turbo.sampling import SamplingParams, random_seed, sample, validate_vocab
 from hf_turbo.spec.decoder import SpecDecoder
 from hf_turbo.spec.proposers import validate_draft
@@ -113,16 +113,16 @@ class Engine:
         nblocks = agree_num_blocks(model, num_kv_blocks(model, config, draft_bytes))
         num_layers = model.config.get_text_config().num_hidden_layers
         _, kv_heads, head_dim = local_kv_layout(model)
+        # the attention backend (hf_turbo.backends): TurboConfig.backend, HF_TURBO_BACKEND overriding it
+        self.backend = get_backend(config.backend, self.device)
         self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
-                                  kv_shape=(kv_heads, head_dim))
+                                  kv_shape=(kv_heads, head_dim), backend=self.backend)
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
-        self.scheduler.on_release = self.cache.contiguous.drop
+        self.scheduler.on_release = lambda req: self.backend.release(self.cache, req)
         self.scheduler.on_import = self._write_imported
-        self.runner = ModelRunner(model, self.cache, config.backend, lean=config.lean_forward)
-        if self.device.type == "cpu":
-            cpu_ext.available()  # build (once per machine) and check the C++ CPU helpers now, untimed
+        self.runner = ModelRunner(model, self.cache, lean=config.lean_forward)
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.book = Bookkeeper(self.scheduler, tokenizer, None if self.spec is None else self.spec.accept,
                                None if self.spec is None else self.spec.release)
@@ -134,8 +134,8 @@ class Engine:
         self.num_prompt_tokens = 0
         self.scheduler.on_copy = self.cache.copy_block  # copy-on-write of a shared prompt's last block
         self.tp = tensor_parallel(self)  # None, or this rank's part in a tensor-parallel group
-        logger.info("Engine: %d KV blocks of %d tokens (%s, %s)", nblocks, config.cache.block_size,
-                    param.dtype, self.device)
+        logger.info("Engine: %d KV blocks of %d tokens (%s, %s, %s backend)", nblocks, config.cache.block_size,
+                    param.dtype, self.device, self.backend.name)
 
     # -- requests -------------------------------------------------------------------------------
     def _encode(self, prompt: PromptType) -> list[int]:

@@ -78,7 +78,7 @@ class Follower:
         while not self.stopped:
             self._next()
         for shadow in self.shadows.values():
-            self.engine.cache.contiguous.drop(shadow)
+            self.engine.backend.release(self.engine.cache, shadow)
         self.shadows.clear()
         return self.stats
 
@@ -127,7 +127,8 @@ class Follower:
 
     def step(self, released: list, copies: list, entries: list, rows: list[list[int]] | None) -> None:
         """One plan: drop the released shadows, copy the copied blocks, update the scheduled ones, run the forward."""
-        drop = self.engine.cache.contiguous.drop
+        engine = self.engine
+        drop = lambda shadow: engine.backend.release(engine.cache, shadow)  # noqa: E731
         for rid, start, tail in released:
             shadow = self.shadows.pop(rid, None)
             if shadow is not None:

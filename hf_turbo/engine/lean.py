@@ -11,12 +11,10 @@ bias, the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, th
 attention, the norms' ``forward`` and the MLP's ``down(act(gate(x)) * up(x))``. Each op sees the
 inputs it sees in the stock forward, so the logits are bitwise the model's.
 
-On the CPU in float32 four of those come from ``cpu_ext`` in one call each, every one checked bit
-for bit against what it replaces: the rotary embedding (``cpu_ext.rope``), the RMSNorms
-(``cpu_ext.rms_norm``), the MLP's ``silu(gate) * up`` (``cpu_ext.silu_mul``, where torch's silu would
-run as one chunk), and the projections on weights packed once for MKL
-(:class:`~hf_turbo.kernels.packed.PackedLinear`, used only for the token counts where the packed
-product was compared equal to ``F.linear``).
+The norms, the rotary embedding, the MLP's ``act(gate) * up`` and the projections come from the
+backend's fused-op table (``backend.fused_ops``, :mod:`hf_turbo.backends.base`): the stock ops, or on
+the CPU backend in float32 one-call versions checked bit for bit against what they replace (and
+projections on weights packed once for MKL where the packed product equals ``F.linear``).
 
 The runner (``engine/runner.py``) does not take that on trust: before its first step it runs both
 forwards on two short sequences over a scratch cache and compares the logits bit for bit; on any
@@ -31,10 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import SiLUActivation
 
-from hf_turbo.kernels import cpu_ext, packed
-from hf_turbo.kernels.packed import PackedLinear
 from hf_turbo.patches.attention import ATTN_NAME, turbo_attention
 
 __all__ = ["FAMILIES", "LeanForward"]
@@ -78,20 +73,6 @@ def _global_hooks() -> bool:
     return any(getattr(m, name, None) for name in names)
 
 
-_SILU = (nn.SiLU, SiLUActivation)  # act_fn modules whose forward is F.silu
-_ONE_CHUNK = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops never split between threads
-
-
-def _norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return norm.forward(x)
-
-
-def _norm_in_one_call(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and norm.weight.dtype == torch.float32:
-        return cpu_ext.rms_norm(x, norm.weight, norm.variance_epsilon)
-    return norm.forward(x)
-
-
 class LeanForward:
     """``logits = lean(input_ids [1, T], position_ids [1, T], logits_to_keep [N], ctx)``: the stock
     forward's ops for a packed engine forward; build with :meth:`build`."""
@@ -100,8 +81,6 @@ class LeanForward:
         self.model = model
         self.family = family
         self.apply_rope = modeling.apply_rotary_pos_emb
-        self.linears: dict[nn.Module, PackedLinear | nn.Module] = {}  # per projection (_linear)
-        self._pack: bool | None = None  # whether PackedLinear packs (decided on the first call)
 
     @classmethod
     def why_not(cls, model: nn.Module) -> str | None:
@@ -167,19 +146,12 @@ class LeanForward:
         hidden = base.embed_tokens(input_ids)
         cos, sin = base.rotary_emb(hidden, position_ids=position_ids)
         n = input_ids.shape[1]
+        ops = ctx.backend.fused_ops(model, hidden)
+        norm, linear, act_mul = ops.norm, ops.linear, ops.act_mul
+        rope = ops.rope or self.apply_rope
         extra = {}
-        # the same multiplies and adds as apply_rotary_pos_emb, in one call instead of 16 ops per layer
-        rope_in_one_call = hidden.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ext.rope_ready()
         if family.window == "config":
             extra["sliding_window"] = getattr(config, "sliding_window", None)
-        if self._pack is None:  # decided on the first call, when the engine has built the extension
-            self._pack = self._packing_pays()
-        linear = self._linear
-        # silu(gate) * up in one pass where torch's silu would run as one chunk (one thread or a small tensor)
-        silu_in_one_call = hidden.device.type == "cpu" and hidden.dtype == torch.float32 and cpu_ext.silu_mul_ready()
-        one_thread = torch.get_num_threads() == 1
-        # the RMSNorms' own ops, bitwise, in one call each
-        norm = _norm_in_one_call if hidden.dtype == torch.float32 and cpu_ext.rms_norm_ready() else _norm_forward
         for layer in base.layers[: config.num_hidden_layers]:
             attn, mlp = layer.self_attn, layer.mlp
             residual = hidden
@@ -191,10 +163,7 @@ class LeanForward:
                 q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = linear(attn.v_proj)(x).view(shape).transpose(1, 2)
-            if rope_in_one_call:
-                q, k = cpu_ext.rope(q, k, cos, sin)
-            else:
-                q, k = self.apply_rope(q, k, cos, sin)
+            q, k = rope(q, k, cos, sin)
             k, v = cache.update(k, v, attn.layer_idx)
             if family.window == "module":
                 extra["sliding_window"] = attn.sliding_window
@@ -205,25 +174,7 @@ class LeanForward:
             residual = hidden
             x = norm(layer.post_attention_layernorm, hidden)
             # the stock MLP's forward: down_proj(act_fn(gate_proj(x)) * up_proj(x))
-            gate, up, act = linear(mlp.gate_proj)(x), linear(mlp.up_proj)(x), mlp.act_fn
-            if silu_in_one_call and type(act) in _SILU and (gate.numel() < _ONE_CHUNK or one_thread):
-                hidden = residual + linear(mlp.down_proj)(cpu_ext.silu_mul(gate, up))
-            else:
-                hidden = residual + linear(mlp.down_proj)(act(gate) * up)
+            gate, up = linear(mlp.gate_proj)(x), linear(mlp.up_proj)(x)
+            hidden = residual + linear(mlp.down_proj)(act_mul(mlp.act_fn, gate, up))
         hidden = norm(base.norm, hidden)
         return linear(model.lm_head)(hidden[:, logits_to_keep, :])
-
-    def _packing_pays(self) -> bool:
-        """Pack the weights for MKL: a float32 CPU model whose linear weights fit ``PACK_BUDGET_BYTES``,
-        where the extension has the packed GEMM (``PackedLinear`` itself checks the dtype and device)."""
-        model = self.model
-        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
-        return cpu_ext.packed_gemm_ready() and size <= packed.PACK_BUDGET_BYTES
-
-    def _linear(self, module: nn.Module):
-        """What computes ``module(x)``: a :class:`PackedLinear` for a plain ``nn.Linear`` (made on first
-        sight, so a projection replaced after the engine was built gets its own), else the module."""
-        wrapper = self.linears.get(module)
-        if wrapper is None:
-            wrapper = self.linears[module] = PackedLinear(module, self._pack) if type(module) is nn.Linear else module
-        return wrapper

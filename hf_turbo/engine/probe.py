@@ -22,6 +22,7 @@ import logging
 
 import torch
 
+from hf_turbo.backends import get_backend
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache, kv_layout
 from hf_turbo.patches.attention import CTX_KWARG, engine_forward
 from hf_turbo.patches.compat import cache_kwarg_name, forward_cache_kwargs
@@ -87,7 +88,7 @@ def _packed_logits(model, seqs: list[list[int]], device, dtype, backend: str, wi
         nblocks += n
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
-    cache = PagedKVCache(nblocks, _BLOCK, num_layers, dtype, device)
+    cache = PagedKVCache(nblocks, _BLOCK, num_layers, dtype, device, backend=get_backend(backend, device))
 
     def forward(ids: list[int], pos: list[int], lens: list[int], news: list[int]) -> torch.Tensor:
         cu = [0]
@@ -99,8 +100,9 @@ def _packed_logits(model, seqs: list[list[int]], device, dtype, backend: str, wi
             cache=cache, slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=block_tables,
-            max_seqlen_q=max(news), max_context_len=max(lens), backend=backend, host_cu_seqlens_q=cu,
+            max_seqlen_q=max(news), max_context_len=max(lens), backend=cache.backend, host_cu_seqlens_q=cu,
             host_context_lens=lens, seen_windows=windows)
+        cache.backend.prepare(ctx)
         cache.ctx = ctx
         try:
             with engine_forward(ctx):

@@ -40,10 +40,10 @@ class ModelRunner:
     gives the model's logits bit for bit (``lean_verified``).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, backend: str = "auto", lean: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, lean: bool = True) -> None:
         self.model = model
         self.cache = cache
-        self.backend = backend
+        self.backend = cache.backend
         self.device = cache.device
         self.block_size = cache.block_size
         self.lean = LeanForward.build(model) if lean else None
@@ -117,7 +117,7 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(table, dtype=torch.int32, device=dev), max_seqlen_q=max_q,
-            max_context_len=max(lens), backend=self.backend, host_cu_seqlens_q=cu, host_context_lens=lens, seqs=seqs)
+            max_context_len=max(lens), host_cu_seqlens_q=cu, host_context_lens=lens, backend=cache.backend, seqs=seqs)
 
     def _model_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
                        ctx: ForwardContext, extra: dict | None = None) -> torch.Tensor:
@@ -156,6 +156,7 @@ class ModelRunner:
         return extra
 
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
+        ctx.backend.prepare(ctx)  # every piece of per-forward metadata, before any layer runs
         ctx.cache.ctx = ctx
         try:
             with engine_forward(ctx):
@@ -185,7 +186,7 @@ class ModelRunner:
         width = max(len(t) for t in table)
         table = [t + [0] * (width - len(t)) for t in table]
         lens = [len(p) for p in parts]
-        scratch = PagedKVCache(next_block, bs, self.cache.num_layers, self.cache.dtype, dev)
+        scratch = PagedKVCache(next_block, bs, self.cache.num_layers, self.cache.dtype, dev, backend=self.backend)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         keep = torch.arange(len(ids), device=dev)

@@ -4,8 +4,7 @@ Two paths through one function:
 
 * Inside an hf_turbo engine forward (a ``turbo_ctx`` ForwardContext in the kwargs): the batch is
   one packed varlen sequence [1, T]; the new K/V were already written to the paged cache by
-  ``PagedKVCache.update``; attention reads each sequence's context through its block table
-  (Triton on CUDA), or on the CPU from each sequence's contiguous copy (``cache/contiguous.py``).
+  ``PagedKVCache.update``; the context's backend (``hf_turbo.backends``) reads each sequence's context.
   No mask tensor exists: the mask function returns None and the kernel applies causality, sliding
   window and softcap itself.
 * A plain forward (``from_pretrained(..., attn_implementation="hf_turbo")`` with a DynamicCache or
@@ -24,8 +23,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_turbo.kernels import cpu_ext, flash_attention_varlen, paged_attention, use_triton
-from hf_turbo.kernels.reference import _causal_mask, sequence_attention_ref
+from hf_turbo.backends import flash_attention_varlen
+from hf_turbo.backends.reference import eager_sink_attention
+from hf_turbo.backends.torch_kernels import causal_mask
 
 __all__ = ["ATTN_NAME", "register", "turbo_attention", "turbo_mask", "engine_forward"]
 
@@ -95,23 +95,12 @@ def turbo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 def _engine_attention(module, query, key, value, ctx, layer, scaling, sliding_window, softcap, kwargs) -> torch.Tensor:
     """Attention inside an engine forward over cache layer ``layer``'s pools; returns [1, T, H, D]."""
     sinks = kwargs.get("s_aux")
-    if sinks is not None:
-        if softcap is not None:
-            raise ValueError(f"{type(module).__name__} combines attention sinks with softcap, which hf_turbo's "
-                             "attention does not implement")
-        if use_triton(ctx.backend, query):
-            raise ValueError(f"{type(module).__name__} uses attention sinks (s_aux), which hf_turbo's Triton "
-                             "paged attention does not implement")
-        return _paged_sink_attention(query, *ctx.cache.layer_pools(layer), ctx, scaling, sliding_window, sinks)
-    k_pool, v_pool = ctx.cache.layer_pools(layer)
-    # query: [1, H, T, D] -> [T, H, D]
-    q = query[0].transpose(0, 1).contiguous()
-    if ctx.seqs is not None and not use_triton(ctx.backend, q):
-        return _contiguous_attention(layer, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap)
-    out = paged_attention(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
-                          scale=scaling, sliding_window=sliding_window, softcap=softcap,
-                          max_seqlen_q=ctx.max_seqlen_q, backend=ctx.backend, validate=False,
-                          max_context_len=ctx.max_context_len, plan_cache=ctx.plan_cache)
+    if sinks is not None and softcap is not None:
+        raise ValueError(f"{type(module).__name__} combines attention sinks with softcap, which hf_turbo's attention "
+                         "does not implement")
+    q = query[0].transpose(0, 1).contiguous()  # [1, H, T, D] -> [T, H, D]
+    out = ctx.backend.attend(ctx, layer, q, scale=scaling, sliding_window=sliding_window, softcap=softcap,
+                             sinks=sinks)
     return out.unsqueeze(0)
 
 
@@ -136,37 +125,6 @@ def _written_layer(module: torch.nn.Module, key: torch.Tensor, value: torch.Tens
                      "attention cannot reproduce")
 
 
-def _contiguous_attention(layer: int, q, key, value, ctx, k_pool, v_pool, scaling, sliding_window, softcap):
-    """CPU path: append this forward's K/V to each sequence's contiguous copy and attend over views."""
-    mirror = ctx.cache.contiguous
-    cu, lens = ctx.host_cu_seqlens_q, ctx.host_context_lens
-    if ctx.mirror_plan is None:  # once per forward: slots, arena growth, where the new tokens go
-        ctx.mirror_plan = mirror.plan(ctx.seqs, lens, cu, [seq.block_ids for seq in ctx.seqs])
-    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H_kv, D]
-    k_arena, v_arena = mirror.append(layer, ctx.mirror_plan, new_k, new_v, k_pool, v_pool, ctx.block_tables)
-    slots = ctx.mirror_plan.slots
-    if softcap is None and sliding_window is None and q.dtype == torch.float32 and cpu_ext.available():
-        # every single-query sequence in one call, bitwise the per-sequence SDPA calls (kernels/cpu_ext.py)
-        if ctx.decode_batch is None:
-            picked = [s for s in range(len(lens)) if cu[s + 1] - cu[s] == 1]
-            ctx.decode_batch = (len(picked) == len(lens), torch.tensor([cu[s] for s in picked]),
-                                torch.tensor([slots[s] for s in picked]), torch.tensor([lens[s] for s in picked]))
-        only_decode, rows, row_slots, row_lens = ctx.decode_batch
-        t, h_q, d = q.shape
-        h_kv = k_arena.shape[1]
-        out = torch.empty_like(q)
-        if len(rows):
-            cpu_ext.decode_attention(q.view(t, h_kv, h_q // h_kv, d), k_arena, v_arena, rows, row_slots, row_lens,
-                                     scaling, out.view(t, h_kv, h_q // h_kv, d))
-        if not only_decode:
-            sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=slots, scale=scaling, out=out,
-                                   skip_decode=True)
-        return out.unsqueeze(0)
-    out = sequence_attention_ref(q, cu, lens, k_arena, v_arena, slots=slots, scale=scaling,
-                                 sliding_window=sliding_window, softcap=softcap)
-    return out.unsqueeze(0)
-
-
 def _plain_attention(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap,
                      **kwargs):
     b, h, s, d = query.shape
@@ -182,50 +140,12 @@ def _plain_attention(module, query, key, value, attention_mask, scaling, dropout
     sinks = kwargs.get("s_aux")
     if sinks is not None:
         if attention_mask is None:  # sdpa_mask skipped it: plain causal, queries at the end of the keys
-            attention_mask = _causal_mask(s, kv_len, kv_len - s, None, query.device)[None, None]
-        return _eager_sink_attention(query, key, value, attention_mask, scaling, sinks), None
+            attention_mask = causal_mask(s, kv_len, kv_len - s, None, query.device)[None, None]
+        return eager_sink_attention(query, key, value, attention_mask, scaling, sinks), None
     if softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     return _softcap_attention(query, key, value, attention_mask, scaling, softcap)
-
-
-def _eager_sink_attention(query, key, value, attention_mask, scaling, sinks):
-    """Attention with a learned per-head sink logit in the softmax (gpt_oss, flint, granite_swa), op for
-    op as transformers' eager version. query [B, H, S, D]; key/value [B, H_kv, L, D]; attention_mask
-    bool (True = attend) or additive [B or 1, 1, S, L]; sinks [H]. Returns [B, S, H, D]."""
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # repeat_kv
-        b, h_kv, length, d = key.shape
-        key = key[:, :, None].expand(b, h_kv, groups, length, d).reshape(b, h_kv * groups, length, d)
-        value = value[:, :, None].expand(b, h_kv, groups, length, d).reshape(b, h_kv * groups, length, d)
-    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask.dtype == torch.bool:
-        weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
-    else:
-        weights = weights + attention_mask
-    sink = sinks.reshape(1, -1, 1, 1).expand(query.shape[0], -1, query.shape[-2], -1).to(weights.dtype)
-    combined = torch.cat([weights, sink], dim=-1)
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(value.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous()
-
-
-def _paged_sink_attention(query, k_pool, v_pool, ctx, scaling, sliding_window, sinks):
-    """Sink attention inside an engine forward (CPU): per sequence, its keys gathered from the pool
-    through its block table and the eager op sequence. query [1, H, T, D]; returns [1, T, H, D]."""
-    bs = k_pool.shape[1]
-    cu, lens, tables = ctx.host_cu_seqlens_q, ctx.host_context_lens, ctx.block_tables.tolist()
-    out = torch.empty(1, query.shape[2], query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
-    for s, length in enumerate(lens):
-        n = cu[s + 1] - cu[s]
-        blocks = tables[s][: -(-length // bs)]
-        # pool [blocks, bs, H_kv, D] -> this sequence's [1, H_kv, L, D]
-        k = k_pool[blocks].flatten(0, 1)[:length].transpose(0, 1)[None]
-        v = v_pool[blocks].flatten(0, 1)[:length].transpose(0, 1)[None]
-        mask = _causal_mask(n, length, length - n, sliding_window, query.device)[None, None]
-        out[:, cu[s]:cu[s + 1]] = _eager_sink_attention(query[:, :, cu[s]:cu[s + 1]], k, v, mask, scaling, sinks)
-    return out
 
 
 def _softcap_attention(query, key, value, attention_mask, scaling, softcap):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_turbo.backends import get_backend
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache
 from hf_turbo.engine.request import Request
@@ -140,9 +141,10 @@ class DraftModelProposer:
         accelerate(draft)
         param = next(draft.parameters())
         num_layers = draft.config.get_text_config().num_hidden_layers
-        self.cache = PagedKVCache(num_blocks, block_size, num_layers, param.dtype, param.device)
+        self.cache = PagedKVCache(num_blocks, block_size, num_layers, param.dtype, param.device,
+                                  backend=get_backend(backend, param.device))
         self.pool = BlockPool(num_blocks, block_size)
-        self.runner = ModelRunner(draft, self.cache, backend, lean=lean)
+        self.runner = ModelRunner(draft, self.cache, lean=lean)
         self.max_num_batched_tokens = max_num_batched_tokens
         # full blocks of target tokens are cached in the draft's pool too: requests sharing a prompt
         # prefix (or one that comes back after preemption) make the draft compute it once
@@ -249,7 +251,7 @@ class DraftModelProposer:
     def release(self, req: Request) -> None:
         seq = self.seqs.pop(req.request_id, None)
         if seq is not None:
-            self.cache.contiguous.drop(seq)
+            self.cache.backend.release(self.cache, seq)
             self.pool.free(reversed(seq.block_ids))
 
     def check_invariants(self) -> None:
@@ -264,7 +266,7 @@ class DraftModelProposer:
         for seq in self.seqs.values():
             self.pool.free(reversed(seq.block_ids))
         self.seqs.clear()
-        self.cache.contiguous.clear()
+        self.cache.forget_sequences()
         if self._owns_patch:
             from hf_turbo.api import is_accelerated, restore
 

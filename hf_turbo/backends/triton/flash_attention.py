@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hf_turbo.kernels import _validate
-from hf_turbo.kernels.paged_attention import _attn_inner, _seq_of_q_block, _unified_config, check_launchable
+from hf_turbo.backends import validate as _validate
+from hf_turbo.backends.triton.common import attn_inner, check_launchable, seq_of_q_block, unified_config
 
 
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
@@ -34,7 +34,7 @@ def _flash_attn_varlen_fwd_kernel(
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, causal) q blocks start first
     kv_head = tl.program_id(1)
-    seq = _seq_of_q_block(CuQ_ptr, pid, num_seqs, BLOCK_Q)
+    seq = seq_of_q_block(CuQ_ptr, pid, num_seqs, BLOCK_Q)
     q_start = tl.load(CuQ_ptr + seq)
     q_len = tl.load(CuQ_ptr + seq + 1) - q_start
     q_block = pid - (q_start // BLOCK_Q + seq)
@@ -84,17 +84,17 @@ def _flash_attn_varlen_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     K_seq = K_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     V_seq = V_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    acc, l_i, m_i = _attn_inner(
+    acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
         tile_lo, full_lo, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
         1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
     )
-    acc, l_i, m_i = _attn_inner(
+    acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
         full_lo, full_hi, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
         1, BLOCK_N, False, False, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
     )
-    acc, l_i, m_i = _attn_inner(
+    acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
         full_hi, kv_end, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
         1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
@@ -139,7 +139,7 @@ def flash_attention_varlen_triton(
         return out
     group = h_q // h_kv
     d_pad = max(16, triton.next_power_of_2(d))
-    cfg_m, cfg_n, warps, stages = _unified_config(d_pad, group, q.dtype, q.device)
+    cfg_m, cfg_n, warps, stages = unified_config(d_pad, group, q.dtype, q.device)
     bm = max(block_m or cfg_m, triton.next_power_of_2(group))
     block_q = bm // group
     _flash_attn_varlen_fwd_kernel[(num_q // block_q + num_seqs, h_kv)](

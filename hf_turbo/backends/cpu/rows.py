@@ -6,7 +6,7 @@ itself reads, and decode on a CPU is bound by memory traffic. Here every running
 row (a *slot*) of a per-layer arena ``[slots, H_kv, capacity, D]`` that mirrors its positions
 ``[0, length)`` in the pool, head-major, so that each head's keys are one contiguous run (the CPU
 SDPA kernel streams them ~20% faster than rows strided by ``H_kv * D``). A forward appends its new
-tokens to every sequence with one ``cpu_ext.scatter_kv`` call per layer (else one ``index_copy_`` per
+tokens to every sequence with one ``ext.scatter_kv`` call per layer (else one ``index_copy_`` per
 layer and tensor), and attention reads ``arena[slot, :, first_key:end]`` as a view.
 
 The pool stays the source of truth (prefix caching, copy-on-write, the Triton kernels and the
@@ -19,7 +19,7 @@ pool's (same K/V, copied), so outputs do not change.
 
 **Shared prefix pages** (Linux, CPU, when one block of one head is a whole number of memory pages,
 e.g. 16 positions x 64 dims x fp32 = 4 KiB): a request admitted on cached prefix blocks does not copy
-them into its row. Each layer has a page store (``cache/vmem.py``) with a page run per (K or V, head,
+them into its row. Each layer has a page store (``backends/cpu/vmem.py``) with a page run per (K or V, head,
 pool block); the first such request copies a cached block from the pool into the store once, and
 every request adopting it maps those store pages into its own row. Sequences sharing a prompt
 prefix then share its memory, and decode reads the prefix once from the CPU caches instead of once
@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from hf_turbo.cache import vmem
-from hf_turbo.kernels import cpu_ext
-from hf_turbo.kernels.reference import _gather_keys as _gather
+from hf_turbo.backends.cpu import ext, vmem
+from hf_turbo.backends.cpu.plan import MirrorPlan, SeqState
+from hf_turbo.backends.torch_kernels import gather_keys
 
 __all__ = ["ContiguousKV", "MirrorPlan"]
 
@@ -49,61 +48,6 @@ logger = logging.getLogger(__name__)
 _MIN_CAPACITY = 64
 _MIN_SLOTS = 8
 _SMALL_PLAN = 256  # decode steps up to this many sequences build their arena index from Python ints
-
-
-class _SeqState:
-    __slots__ = ("slot", "valid", "adopted")
-
-    def __init__(self, slot: int, num_layers: int) -> None:
-        self.slot = slot
-        self.valid = [0] * num_layers  # per layer: positions [0, valid) hold the pool's values
-        self.adopted: list[list[int]] = [[] for _ in range(num_layers)]  # per layer: blocks mapped at indices 0..
-
-
-@dataclass
-class MirrorPlan:
-    """Where one packed forward's sequences live in the arenas; built once, shared by every layer.
-
-    Sequence i's new K/V are positions ``starts[i]:ends[i]`` of its slot ``slots[i]``.
-    """
-
-    states: list[_SeqState]
-    slots: list[int]
-    starts: list[int]
-    ends: list[int]
-    capacity: int
-    _pos_slot: Tensor | tuple[list[int], list[int]]  # each new token's position and slot ([2, T] or lists)
-    _index: dict[int, Tensor] = field(default_factory=dict)
-    adopt: list[tuple[int, list[int]]] = field(default_factory=list)  # (sequence, cached blocks to map)
-    _flat: Tensor | None = None
-
-    def flat_index(self) -> Tensor:
-        """[T] int64 ``slot * capacity + position`` of each new token (``cpu_ext.scatter_kv`` with block=capacity)."""
-        if self._flat is None:
-            cap = self.capacity
-            if isinstance(self._pos_slot, tuple):
-                pos, slot = self._pos_slot
-                self._flat = torch.tensor([s * cap + p for p, s in zip(pos, slot, strict=True)], dtype=torch.int64)
-            else:
-                self._flat = self._pos_slot[1] * cap + self._pos_slot[0]
-        return self._flat
-
-    def index(self, num_heads: int, device: torch.device) -> Tensor:
-        """[T * H] flat row of each (token, head) in an arena viewed as ``[slots * H * capacity, D]``."""
-        idx = self._index.get(num_heads)
-        if idx is not None:
-            return idx
-        cap = self.capacity
-        if isinstance(self._pos_slot, tuple):  # few tokens: cheaper as Python ints
-            pos, slot = self._pos_slot
-            idx = torch.tensor([(s * num_heads + h) * cap + p for p, s in zip(pos, slot, strict=True)
-                                for h in range(num_heads)], dtype=torch.int64, device=device)
-        else:
-            pos, slot = self._pos_slot.to(device)
-            heads = torch.arange(num_heads, dtype=torch.int64, device=device)
-            idx = ((slot[:, None] * num_heads + heads[None, :]) * cap + pos[:, None]).reshape(-1)
-        self._index[num_heads] = idx
-        return idx
 
 
 class ContiguousKV:
@@ -197,7 +141,7 @@ class ContiguousKV:
             state = self._seqs.get(seq)
             start = context_lens[i] - (cu[i + 1] - cu[i])
             if state is None:
-                state = self._seqs[seq] = _SeqState(self._take_slot(), self.num_layers)
+                state = self._seqs[seq] = SeqState(self._take_slot(), self.num_layers)
                 if self._share is not False and block_ids is not None and start >= bs:
                     adopt.append((i, list(block_ids[i][: start // bs])))
             elif state.adopted[0] and start < len(state.adopted[0]) * bs:
@@ -249,11 +193,12 @@ class ContiguousKV:
         for i, state in enumerate(plan.states):
             start, valid = plan.starts[i], state.valid[layer]
             if valid < start:  # behind the pool: copy the missing positions from their blocks once
-                ka[state.slot, :, valid:start] = _gather(k_pool, block_tables[i], valid, start).transpose(0, 1)
-                va[state.slot, :, valid:start] = _gather(v_pool, block_tables[i], valid, start).transpose(0, 1)
+                ka[state.slot, :, valid:start] = gather_keys(k_pool, block_tables[i], valid, start).transpose(0, 1)
+                va[state.slot, :, valid:start] = gather_keys(v_pool, block_tables[i], valid, start).transpose(0, 1)
             state.valid[layer] = plan.ends[i]  # anything past end (rejected, recomputed) is no longer valid
-        if new_k.shape[0] and ka.device.type == "cpu" and cpu_ext.ready():
-            cpu_ext.scatter_kv(new_k, new_v, ka, va, plan.flat_index(), self._capacity)
+        scatter = ext.scatter_kv() if ka.device.type == "cpu" else None
+        if new_k.shape[0] and scatter is not None:
+            scatter(new_k, new_v, ka, va, plan.flat_index(), self._capacity)
         elif new_k.shape[0]:
             idx = plan.index(h, ka.device)
             ka.view(-1, d).index_copy_(0, idx, new_k.reshape(-1, d))

@@ -4,7 +4,7 @@
 every call. For a decode step of a few dozen tokens that copy is a large share of the call: on the
 fixture model the 29 linear layers of a 16-token step take ~3.2 ms with ``F.linear`` and ~2.0 ms
 with weights packed once (``cblas_sgemm_pack``) so that each step only multiplies
-(``cblas_sgemm_compute``, through ``cpu_ext``), with every weight in cache; in a real step, with the
+(``cblas_sgemm_compute``, through ``ext.packed_gemm``), with every weight in cache; in a real step, with the
 K/V streaming through the caches, the saving is smaller.
 
 Whether the packed product equals the stock one bit for bit depends on MKL's choice of code path,
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_turbo.kernels import cpu_ext
+from hf_turbo.backends.cpu import ext
 
 __all__ = ["MAX_TOKENS", "PACK_BUDGET_BYTES", "PackedLinear"]
 
@@ -65,10 +65,12 @@ class PackedLinear:
         self._weight, self._bias = lin.weight, lin.bias  # held, so that their ids in the stamp stay theirs
         self._packed_stamp = (_stamp(lin.weight), _stamp(lin.bias))
         tensors = [t for t in (lin.weight, lin.bias) if t is not None]
-        if not cpu_ext.packed_gemm_ready() or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        gemm = ext.packed_gemm()
+        if gemm is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
             return
+        pack_weight, self._product = gemm
         with torch.no_grad():
-            self.packed = cpu_ext.pack_weight(lin.weight.detach().contiguous())
+            self.packed = pack_weight(lin.weight.detach().contiguous())
             self.bias = None if lin.bias is None else lin.bias.detach()
         # what the stock call's code path depends on: the shape, the bias, the weight's alignment
         self._key = (self.out_features, self.in_features, lin.bias is not None, lin.weight.data_ptr() % 64)
@@ -85,7 +87,7 @@ class PackedLinear:
                 gen = torch.Generator().manual_seed(tokens)
                 x = torch.randn(1, tokens, self.in_features, generator=gen)
                 ref = F.linear(x, self.linear.weight, self.linear.bias)
-                got = cpu_ext.packed_linear(x, self.packed, self.out_features, self.in_features, self.bias)
+                got = self._product(x, self.packed, self.out_features, self.in_features, self.bias)
                 verdict = _verdicts[key] = bool(torch.equal(ref, got))
             logger.debug("packed GEMM %s, %d tokens, %d threads: %s", self._key[:3], tokens, threads,
                          "bitwise F.linear" if verdict else "differs from F.linear, not used")
@@ -106,5 +108,5 @@ class PackedLinear:
                 ok = self._verdict(x.shape[1], threads)
             if ok:
                 self.hits += 1
-                return cpu_ext.packed_linear(x, self.packed, self.out_features, self.in_features, self.bias)
+                return self._product(x, self.packed, self.out_features, self.in_features, self.bias)
         return F.linear(x, self.linear.weight, self.linear.bias)

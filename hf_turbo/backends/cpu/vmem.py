@@ -49,11 +49,8 @@ def _load_libc():
 def supported() -> bool:
     """Whether page-mapped windows work here (Linux, memfd, libc mmap); False disables them.
 
-    ``HF_TURBO_NO_PAGE_MAPPING=1`` turns them off. The first call also tries one store and one window
-    (a sandbox may forbid memfd or shared mappings).
+    The first call tries one store and one window (a sandbox may forbid memfd or shared mappings).
     """
-    if os.environ.get("HF_TURBO_NO_PAGE_MAPPING"):
-        return False
     return _probe()
 
 

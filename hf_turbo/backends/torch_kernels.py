@@ -1,6 +1,6 @@
 """Pure-torch attention: the CPU execution path and the oracle the Triton kernels are tested against.
 
-Semantics shared with the kernels (see ``hf_turbo.kernels``): query j of a sequence with q_len new
+Semantics shared with the kernels (see ``hf_turbo.backends.kernels``): query j of a sequence with q_len new
 tokens and k_len keys sits at position p = k_len - q_len + j (bottom-right aligned) and attends keys
 k <= p, and k > p - W with a sliding window W. Scores are ``scale * q.k``, then ``c * tanh(s / c)``
 with a softcap c. Query head h reads KV head h // (H_q // H_kv).
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["store_kv_ref", "paged_attention_ref", "flash_attention_varlen_ref", "sequence_attention_ref"]
+__all__ = ["causal_mask", "flash_attention_varlen_ref", "gather_keys", "paged_attention_ref", "plan_paged",
+           "sequence_attention_ref", "store_kv_ref"]
 
 # Score elements per chunk in the manual (softcap) path: bounds memory for long prefills.
 _SOFTCAP_CHUNK_ELEMS = 1 << 24
@@ -73,7 +74,7 @@ def _softcap_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sca
     return _unfold_group(out, lq).to(q.dtype)
 
 
-def _causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, device) -> Tensor:
+def causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, device) -> Tensor:
     """[Lq, Lk] bool, True = attend: query j sits at key position offset + j."""
     qp = torch.arange(offset, offset + lq, device=device)[:, None]
     kp = torch.arange(lk, device=device)[None, :]
@@ -84,11 +85,11 @@ def _causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, devi
 
 
 @functools.lru_cache(maxsize=128)
-def _additive_causal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, groups: int, dtype: torch.dtype,
+def _additivecausal_mask(lq: int, lk: int, offset: int, sliding_window: int | None, groups: int, dtype: torch.dtype,
                           device) -> Tensor:
     """``_causal_mask`` repeated for the ``groups`` query heads of a KV head, as the 0 / -inf float mask
     that SDPA makes of a bool one (``where(mask, 0, -inf)``): passing it gives the same bits."""
-    mask = _causal_mask(lq, lk, offset, sliding_window, device).repeat(groups, 1)
+    mask = causal_mask(lq, lk, offset, sliding_window, device).repeat(groups, 1)
     bias = torch.zeros(mask.shape, dtype=dtype, device=device)
     return bias.masked_fill_(~mask, float("-inf"))
 
@@ -122,12 +123,12 @@ def _attend(
             elif softcap is None and (h_q // h_kv) * lq * lk <= _MASK_CACHE_ELEMS:
                 # small windows (speculative verification, short chunks after cached prefixes) recur in
                 # every layer of a step: the additive mask SDPA would derive from a bool mask, made once
-                bias = _additive_causal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, h_q // h_kv, q.dtype, q.device)
+                bias = _additivecausal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, h_q // h_kv, q.dtype, q.device)
                 o = F.scaled_dot_product_attention(_fold_group(q, h_kv)[None], k.transpose(0, 1)[None],
                                                    v.transpose(0, 1)[None], attn_mask=bias, scale=scale)
                 return _unfold_group(o[0], lq)
             else:
-                mask = _causal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, q.device)
+                mask = causal_mask(lq, lk, q_pos0 - k_pos0, sliding_window, q.device)
     if softcap is not None:
         return _softcap_attention(q, k, v, mask, scale, softcap)
     if is_causal:
@@ -146,7 +147,7 @@ def _attend(
     return _unfold_group(o[0], lq)
 
 
-def _gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tensor:
+def gather_keys(cache: Tensor, table_row: Tensor, start: int, end: int) -> Tensor:
     """Keys at positions [start, end) of one sequence from its blocks -> [end - start, H_kv, D]."""
     bs = cache.shape[1]
     b0, b1 = start // bs, -(-end // bs)
@@ -211,13 +212,12 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     softcap: float | None = None,
     out: Tensor | None = None,
-    plan_cache: dict | None = None,
+    plans: dict | None = None,
 ) -> Tensor:
     """Causal attention of packed queries over a paged KV cache. q: [T, H_q, D] -> [T, H_q, D].
 
-    ``plan_cache``: a dict that lives for one forward (the engine's ForwardContext holds it); the
-    per-forward metadata (host copies of cu_seqlens/context_lens and the decode gather plan) is
-    computed by the first layer and reused by the others.
+    ``plans``: per (sliding window, no softcap) the forward's :func:`plan_paged` metadata, shared by every
+    layer of one forward (the reference backend makes them before the forward); a missing one is made here.
 
     Per-sequence path: q_len == 1 without softcap -> SDPA grouped by equal key range; otherwise one SDPA call
     (or manual softmax with softcap) on that sequence's keys gathered from its blocks. With a
@@ -226,34 +226,43 @@ def paged_attention_ref(
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0:
         return out
-    key = ("paged", sliding_window, softcap is None)
-    if plan_cache is not None and key in plan_cache:
-        cu, ctx, plan = plan_cache[key]
-    else:
-        cu, ctx, plan = cu_seqlens_q.tolist(), context_lens.tolist(), None
-    decode: list[tuple[int, int, int, int]] = []  # (seq, first key, number of keys, q row)
+    key = (sliding_window, softcap is None)
+    entry = plans.get(key) if plans is not None else None
+    if entry is None:
+        entry = plan_paged(cu_seqlens_q.tolist(), context_lens.tolist(), block_tables, k_cache.shape[1],
+                           sliding_window, softcap)
+        if plans is not None:
+            plans[key] = entry
+    cu, ctx, plan = entry
     for s, length in enumerate(ctx):
         q0, q1 = cu[s], cu[s + 1]
+        if q1 == q0 or (q1 - q0 == 1 and softcap is None):
+            continue
         q_pos0 = length - (q1 - q0)
         start = max(0, q_pos0 - sliding_window + 1) if sliding_window is not None else 0
-        if q1 - q0 == 1 and softcap is None:
-            if plan is None:
-                decode.append((s, start, length - start, q0))
-            continue
-        if q1 == q0:
-            continue
-        k = _gather_keys(k_cache, block_tables[s], start, length)
-        v = _gather_keys(v_cache, block_tables[s], start, length)
+        k = gather_keys(k_cache, block_tables[s], start, length)
+        v = gather_keys(v_cache, block_tables[s], start, length)
         out[q0:q1] = _attend(
             q[q0:q1], k, v, q_pos0, start, scale=scale, causal=True, sliding_window=sliding_window, softcap=softcap
         )
-    if plan is None:
-        plan = _decode_plan(decode, block_tables, k_cache.shape[1], q.device) if decode else []
-        if plan_cache is not None:
-            plan_cache[key] = (cu, ctx, plan)
     if plan:
         _decode_grouped(q, k_cache, v_cache, plan, scale, out)
     return out
+
+
+def plan_paged(cu: list[int], context_lens: list[int], block_tables: Tensor, block_size: int,
+               sliding_window: int | None, softcap: float | None) -> tuple[list[int], list[int], list]:
+    """``paged_attention_ref``'s metadata for one forward and one (window, softcap?) kind of layer: the host
+    lists and the grouping of its single-query sequences (``_decode_plan``); the same for every such layer."""
+    decode: list[tuple[int, int, int, int]] = []  # (seq, first key, number of keys, q row)
+    if softcap is None:
+        for s, length in enumerate(context_lens):
+            q0, q1 = cu[s], cu[s + 1]
+            if q1 - q0 == 1:
+                start = max(0, length - sliding_window) if sliding_window is not None else 0
+                decode.append((s, start, length - start, q0))
+    plan = _decode_plan(decode, block_tables, block_size, block_tables.device) if decode else []
+    return cu, context_lens, plan
 
 
 def sequence_attention_ref(
@@ -275,10 +284,10 @@ def sequence_attention_ref(
     q: [T, H_q, D]; sequence s owns rows ``q_starts[s]:q_starts[s + 1]`` and attends positions
     ``[0, context_lens[s])``, head-major: either ``keys[s]`` / ``values[s]`` ([H_kv, >= context_lens[s], D],
     views are fine), or, with ``slots``, row ``slots[s]`` of arenas ``keys`` / ``values``
-    ([num_slots, H_kv, capacity, D], see ``cache/contiguous.py``). The same per-sequence SDPA calls as
+    ([num_slots, H_kv, capacity, D], see ``backends/cpu/rows.py``). The same per-sequence SDPA calls as
     ``paged_attention_ref`` on the same values, so the same bits (the CPU kernel's result does not depend
     on the keys' strides). With ``skip_decode`` (needs ``out``), sequences with one query row are left
-    as they are in ``out``: the caller computed them (``kernels/cpu_ext.py``).
+    as they are in ``out``: the caller computed them (``backends/cpu``).
     """
     out_given = out
     t, h_q, d = q.shape

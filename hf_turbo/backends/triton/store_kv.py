@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hf_turbo.kernels import _validate
-from hf_turbo.kernels.paged_attention import check_launchable
+from hf_turbo.backends import validate as _validate
+from hf_turbo.backends.triton.common import check_launchable
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Attention kernels: KV-cache store, paged attention, varlen flash attention.
+"""The kernels as functions (KV-cache store, paged attention, varlen flash attention), whichever backend runs them.
 
 Layout (per layer):
     k_cache, v_cache   [num_blocks, block_size, H_kv, D], contiguous; slot = block_id * block_size + offset
@@ -11,9 +11,10 @@ Query j of sequence s sits at p = context_lens[s] - q_len + j and attends keys k
 k > p - W with ``sliding_window=W``). Scores are ``scale * q.k``, then ``c * tanh(s / c)`` with
 ``softcap=c``. Query head h reads KV head h // (H_q // H_kv).
 
-Backends: "auto" runs Triton for CUDA tensors and the torch reference for CPU tensors
-(HF_TURBO_FORCE_REFERENCE=1 forces the reference on CUDA); "triton" / "reference" force one
-(Triton on CPU tensors needs TRITON_INTERPRET=1 set before import).
+``backend``: "auto" runs Triton for CUDA tensors and the torch reference for CPU tensors; "triton" /
+"reference" force one (Triton on CPU tensors needs TRITON_INTERPRET=1 set before import). The engine
+does not call these: it goes through a :class:`~hf_turbo.backends.base.Backend`; tests and plain
+(non-engine) forwards do.
 
 Batch invariance: every path computes each sequence from that sequence alone, with a path and
 tile sizes chosen from its own q_len and context, so a sequence's output is bitwise the same
@@ -31,20 +32,13 @@ reference path: the engine's hot path, whose metadata it builds itself.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from torch import Tensor
 
-from hf_turbo.kernels import _validate, cpu_ext
-from hf_turbo.kernels.reference import flash_attention_varlen_ref, paged_attention_ref, store_kv_ref
+from hf_turbo.backends import validate as _validate
+from hf_turbo.backends.torch_kernels import flash_attention_varlen_ref, paged_attention_ref, store_kv_ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-if HAS_TRITON:
-    # Imported before the public functions below are defined: importing a submodule binds its name on
-    # this package, and the function definitions must win (store_kv, paged_attention).
-    from hf_turbo.kernels import flash_attention as _flash_triton
-    from hf_turbo.kernels import paged_attention as _paged_triton
-    from hf_turbo.kernels import store_kv as _store_triton
 
 __all__ = ["store_kv", "paged_attention", "flash_attention_varlen", "use_triton"]
 
@@ -52,7 +46,7 @@ __all__ = ["store_kv", "paged_attention", "flash_attention_varlen", "use_triton"
 def use_triton(backend: str, t: Tensor) -> bool:
     """Whether ``backend`` ("auto", "triton", "reference") runs the Triton kernels for tensor ``t``."""
     if backend == "auto":
-        return t.is_cuda and HAS_TRITON and os.environ.get("HF_TURBO_FORCE_REFERENCE", "") != "1"
+        return t.is_cuda and HAS_TRITON
     if backend == "reference":
         return False
     if backend == "triton":
@@ -66,18 +60,15 @@ def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
              backend: str = "auto", validate: bool = True) -> None:
     """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place.
 
-    ``validate=False`` (the engine's runner): the caller guarantees the shapes and dtypes, an int64
-    slot_mapping and no -1 slot, so the CPU path is one ``cpu_ext.scatter_kv`` call where the extension is
-    loaded, else two ``index_copy_`` calls, and nothing else.
+    ``validate=False``: the caller guarantees the shapes and dtypes, an int64 slot_mapping and no -1 slot
+    (on the CPU: two ``index_copy_`` calls and nothing else).
     """
     if use_triton(backend, key):
-        _store_triton.store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        from hf_turbo.backends.triton.store_kv import store_kv_triton
+
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
         return
     if not validate:
-        if k_cache.device.type == "cpu" and cpu_ext.ready():  # one byte-copy call for K and V
-            bs = k_cache.shape[1]
-            cpu_ext.scatter_kv(key, value, k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), slot_mapping, bs)
-            return
         h, d = k_cache.shape[2], k_cache.shape[3]
         k_cache.view(-1, h, d).index_copy_(0, slot_mapping, key)
         v_cache.view(-1, h, d).index_copy_(0, slot_mapping, value)
@@ -102,7 +93,6 @@ def paged_attention(
     backend: str = "auto",
     validate: bool = True,
     max_context_len: int | None = None,
-    plan_cache: dict | None = None,
 ) -> Tensor:
     """Causal attention of packed new tokens over the paged KV cache -> [T, H_q, D] in q's dtype.
 
@@ -114,8 +104,9 @@ def paged_attention(
     """
     del max_seqlen_q
     if use_triton(backend, q):
-        del plan_cache  # the Triton path reads metadata on the device: nothing to share
-        return _paged_triton.paged_attention_triton(
+        from hf_turbo.backends.triton.paged_attention import paged_attention_triton
+
+        return paged_attention_triton(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
             sliding_window=sliding_window, softcap=softcap, out=out, validate=validate,
             max_context_len=max_context_len,
@@ -129,7 +120,7 @@ def paged_attention(
         )
     return paged_attention_ref(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
-        sliding_window=sliding_window, softcap=softcap, out=out, plan_cache=plan_cache,
+        sliding_window=sliding_window, softcap=softcap, out=out,
     )
 
 
@@ -154,7 +145,9 @@ def flash_attention_varlen(
     flash-attn). sliding_window requires causal=True.
     """
     if use_triton(backend, q):
-        return _flash_triton.flash_attention_varlen_triton(
+        from hf_turbo.backends.triton.flash_attention import flash_attention_varlen_triton
+
+        return flash_attention_varlen_triton(
             q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal, sliding_window=sliding_window,
             softcap=softcap, out=out, validate=validate,
         )

@@ -1,0 +1,74 @@
+"""Attention backends: one interface (``base.py``), three implementations, one selector.
+
+=============  ===================================================================================
+``triton``     The CUDA kernels (``triton/``): paged store, unified varlen + split-K decode attention.
+``reference``  Torch ops only (``reference.py`` over ``torch_kernels.py``): the tests' oracle, any device.
+``cpu``        The reference's bits, fast on a CPU (``cpu/``): contiguous K/V rows, C++ ops, packed GEMM.
+=============  ===================================================================================
+
+``TurboConfig.backend`` picks one: ``"auto"`` (default) is ``triton`` on CUDA and ``cpu`` on the CPU
+(``reference`` where ``hf_turbo.backends.cpu`` cannot be imported). The environment variable
+``HF_TURBO_BACKEND`` overrides that field for a whole process (e.g. ``HF_TURBO_BACKEND=reference`` to
+debug a kernel). A CUDA engine never imports ``backends/cpu``.
+
+Adding one: subclass :class:`~hf_turbo.backends.base.Backend` (``prepare`` / ``write_kv`` / ``attend`` /
+``release`` and optionally ``fused_ops``), add a branch to :func:`get_backend` and a name to ``BACKENDS``,
+then run the suite with ``HF_TURBO_BACKEND=<name>``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hf_turbo.backends.base import STOCK_OPS, Backend, FusedOps
+from hf_turbo.backends.kernels import flash_attention_varlen, paged_attention, store_kv, use_triton
+from hf_turbo.backends.reference import ReferenceBackend
+
+__all__ = ["BACKENDS", "BACKEND_ENV", "STOCK_OPS", "Backend", "FusedOps", "ReferenceBackend", "flash_attention_varlen",
+           "get_backend", "paged_attention", "resolve_backend", "store_kv", "use_triton"]
+
+BACKENDS = ("auto", "triton", "reference", "cpu")
+BACKEND_ENV = "HF_TURBO_BACKEND"
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The backend ``name`` ("auto" or one of ``BACKENDS``; ``HF_TURBO_BACKEND`` wins when set) means on ``device``."""
+    name = os.environ.get(BACKEND_ENV) or name
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}"
+                         + (f" (from {BACKEND_ENV})" if os.environ.get(BACKEND_ENV) else ""))
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton" if importlib.util.find_spec("triton") is not None else "reference"
+        return "cpu" if device.type == "cpu" and _cpu_backend_present() else "reference"
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on the CPU, but the model is on {device}")
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        raise ValueError("backend 'triton' needs the triton package, which is not installed")
+    return name
+
+
+def _cpu_backend_present() -> bool:
+    try:
+        import hf_turbo.backends.cpu  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(name: str, device: torch.device | str) -> Backend:
+    """A new backend instance for ``name`` on ``device`` (see :func:`resolve_backend`)."""
+    resolved = resolve_backend(name, device)
+    if resolved == "triton":
+        from hf_turbo.backends.triton import TritonBackend
+
+        return TritonBackend()
+    if resolved == "cpu":
+        from hf_turbo.backends.cpu import CpuBackend
+
+        return CpuBackend()
+    return ReferenceBackend()

@@ -1,0 +1,32 @@
+"""The Triton backend (CUDA; the interpreter on the CPU under ``TRITON_INTERPRET=1``): the store kernel writes
+a step's K/V into the pools, the paged attention kernels read every sequence's context from its block
+table on the device, so there is no host metadata to prepare."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from hf_turbo.backends.base import Backend
+from hf_turbo.backends.triton.paged_attention import paged_attention_triton
+from hf_turbo.backends.triton.store_kv import store_kv_triton
+
+__all__ = ["TritonBackend"]
+
+
+class TritonBackend(Backend):
+    """Paged K/V and attention through the Triton kernels (``store_kv.py``, ``paged_attention.py``)."""
+
+    name = "triton"
+
+    def write_kv(self, ctx, layer: int, key: Tensor, value: Tensor) -> None:
+        k_pool, v_pool = ctx.cache.layer_pools(layer)
+        store_kv_triton(key, value, k_pool, v_pool, ctx.slot_mapping)
+
+    def attend(self, ctx, layer: int, q: Tensor, *, scale: float, sliding_window: int | None,
+               softcap: float | None, sinks: Tensor | None = None) -> Tensor:
+        if sinks is not None:
+            raise ValueError("attention sinks (s_aux) are not implemented by hf_turbo's Triton paged attention")
+        k_pool, v_pool = ctx.cache.layer_pools(layer)
+        return paged_attention_triton(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
+                                      scale=scale, sliding_window=sliding_window, softcap=softcap, validate=False,
+                                      max_context_len=ctx.max_context_len)
