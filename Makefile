@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs hf_turbo with its extras, runs `hf-turbo demo`
-#   make test   same venv, runs the test suite (CI runs this through .ci/run)
+#   make test   same venv, checks the import layers (lint-imports), runs the test suite (CI: .ci/run)
 # On a machine without an NVIDIA GPU the CPU build of torch is installed first (torch==2.13.0,
 # a local wheel on the project's machines); with a GPU, pip resolves torch>=2.11 normally.
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 		echo "no NVIDIA GPU: installing the CPU build torch==2.13.0"; \
 		$(PY) -m pip install --quiet "torch==2.13.0"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev]"
+	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev,ray]"
 	@# the CPU extension is compiled here, once, rather than inside the first process that needs it
 	-$(PY) -c 'from hf_turbo.backends.cpu import ext; ext.build_ahead()'
 	@touch $(STAMP)
@@ -33,6 +33,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hf-turbo demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 bench: $(STAMP)

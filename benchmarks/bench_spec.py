@@ -24,7 +24,7 @@ from hf_turbo.bench.paths import PATHS, register_path
 from hf_turbo.bench.turbo_paths import SPEC_TOKENS, _engine_run, spec_engine_run
 from hf_turbo.bench.workloads import Workload, _stdlib_text, build_workloads, corpus_token_ids
 from hf_turbo.config import SpeculativeConfig
-from hf_turbo.spec import expected_tokens
+from hf_turbo.engine.spec import expected_tokens
 from hf_turbo.testing import fixture_path, tiny_model
 
 PATH_NAMES = ["turbo_engine", "turbo_spec_draft", "turbo_spec_ngram", "spec_draft_fixed", "spec_ngram_fixed",

@@ -8,13 +8,12 @@ Importing the package registers the "hf_turbo" attention implementation with tra
 
 from __future__ import annotations
 
-from hf_turbo.api import accelerate, get_engine, is_accelerated, restore
+from hf_turbo.api import accelerate, get_engine, is_accelerated, pipeline, restore
 from hf_turbo.config import CacheConfig, SpeculativeConfig, TurboConfig
 from hf_turbo.engine.async_engine import AsyncEngine, EngineOverloaded, StreamOutput
 from hf_turbo.engine.engine import Engine
 from hf_turbo.engine.request import RequestOutput
 from hf_turbo.patches.attention import register as _register
-from hf_turbo.patches.pipeline import pipeline
 from hf_turbo.sampling import SamplingParams
 
 __version__ = "0.1.0"

@@ -11,10 +11,10 @@ import torch
 from packaging.version import Version
 
 import hf_turbo
-from hf_turbo.api import _uses_attention_interface
+from hf_turbo.engine.attach import uses_attention_interface as _uses_attention_interface
+from hf_turbo.eval.exactness import explain_divergence, left_pad, stock_and_accelerated
 from hf_turbo.patches.compat import TRANSFORMERS_VERSION, forward_cache_kwargs
 from hf_turbo.testing import TINY_ARCHS, tiny_model
-from hf_turbo.testing.exactness import explain_divergence, left_pad, stock_and_accelerated
 
 
 def _prompts(vocab: int, lengths=(5, 9, 3, 12), seed: int = 1) -> list[list[int]]:

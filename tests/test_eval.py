@@ -228,10 +228,10 @@ def test_an_axis_that_raises_or_leaks_fails_the_contract(bug, cache, monkeypatch
 
 def test_speculative_axes_report_skipped_when_not_built(cache, monkeypatch):
     import hf_turbo.config
-    import hf_turbo.spec
+    import hf_turbo.engine.spec
 
     monkeypatch.delattr(hf_turbo.config, "SpeculativeConfig", raising=False)
-    monkeypatch.delattr(hf_turbo.spec, "SpeculativeConfig", raising=False)
+    monkeypatch.delattr(hf_turbo.engine.spec, "SpeculativeConfig", raising=False)
     results = run_eval(EvalOptions(archs=("fixture",), axes=("speculative",), dtypes=("float32",), cache_dir=cache,
                                    num_prompts=2, max_new_tokens=3, progress=False))
     rows = _rows(results, mode="greedy")

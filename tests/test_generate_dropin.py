@@ -11,9 +11,9 @@ import torch
 from transformers import DynamicCache
 
 import hf_turbo
+from hf_turbo.eval.exactness import generate_both, masked_batch
 from hf_turbo.patches.compat import cache_kwarg_name
 from hf_turbo.testing import tiny_model
-from hf_turbo.testing.exactness import generate_both, masked_batch
 
 ARCHS = ["llama", "qwen3", "gpt2", "gemma2"]
 

@@ -9,8 +9,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import hf_turbo
+from hf_turbo.eval.exactness import generate_both, masked_batch
 from hf_turbo.testing import tiny_model
-from hf_turbo.testing.exactness import generate_both, masked_batch
 
 
 class _BanTopAfterOdd(LogitsProcessor):

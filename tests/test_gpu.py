@@ -18,8 +18,8 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams
+from hf_turbo.eval.exactness import explain_divergence, left_pad, stock_and_accelerated
 from hf_turbo.testing import fixture_path, tiny_model
-from hf_turbo.testing.exactness import explain_divergence, left_pad, stock_and_accelerated
 
 pytestmark = pytest.mark.gpu
 

@@ -116,7 +116,7 @@ def test_kv_sizing_uses_the_profiled_budget_on_cuda(monkeypatch):
     """num_kv_blocks' CUDA branch divides the profiled budget, with the fake reading standing in for CUDA."""
     from hf_turbo.cache.paged_cache import PagedKVCache
     from hf_turbo.config import CacheConfig, TurboConfig
-    from hf_turbo.engine import engine as engine_mod
+    from hf_turbo.engine import memory as engine_mod
 
     model = tiny_model("llama")
     seen = {}
@@ -126,7 +126,7 @@ def test_kv_sizing_uses_the_profiled_budget_on_cuda(monkeypatch):
         return kv_budget_bytes(8 * GIB, 7 * GIB, 0, fraction)
 
     monkeypatch.setattr(engine_mod, "cuda_kv_budget", fake_budget)
-    monkeypatch.setattr(engine_mod, "_model_max_len", lambda m: None)
+    monkeypatch.setattr(engine_mod, "model_max_len", lambda m: None)
 
     class _OnCuda:  # the parameters' device is all num_kv_blocks reads to pick the branch
         config = model.config

@@ -11,8 +11,8 @@ from transformers import pipeline as hf_pipeline
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
 import hf_turbo
+from hf_turbo.integrations import pipeline as turbo_pipeline
 from hf_turbo.loading import load_model_and_tokenizer
-from hf_turbo.patches import pipeline as turbo_pipeline
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -109,7 +109,7 @@ def test_other_models_pass_through(setup):
 
 
 def test_hf_turbo_pipeline_convenience():
-    pipe = turbo_pipeline.pipeline("text-generation", model="fixture", device="cpu")
+    pipe = hf_turbo.pipeline("text-generation", model="fixture", device="cpu")
     try:
         assert hf_turbo.is_accelerated(pipe.model)
         out = pipe(PROMPTS[:2], max_new_tokens=4, do_sample=False, return_full_text=False)
@@ -117,6 +117,6 @@ def test_hf_turbo_pipeline_convenience():
     finally:
         hf_turbo.restore(pipe.model)
     with pytest.raises(ValueError, match="task"):
-        turbo_pipeline.pipeline("summarization", model="fixture")
+        hf_turbo.pipeline("summarization", model="fixture")
     with pytest.raises(ValueError, match="model"):
-        turbo_pipeline.pipeline("text-generation")
+        hf_turbo.pipeline("text-generation")

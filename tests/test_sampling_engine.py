@@ -9,7 +9,7 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams, TurboConfig
-from hf_turbo.spec import SpeculativeConfig
+from hf_turbo.engine.spec import SpeculativeConfig
 from hf_turbo.testing import tiny_model
 
 

@@ -11,8 +11,8 @@ import torch
 
 import hf_turbo
 from hf_turbo import Engine, SamplingParams, TurboConfig
-from hf_turbo.spec import AdaptiveK, NgramProposer, SpeculativeConfig
-from hf_turbo.spec.adaptive import PROBE_EVERY, PROBE_REQUESTS
+from hf_turbo.engine.spec import AdaptiveK, NgramProposer, SpeculativeConfig
+from hf_turbo.engine.spec.adaptive import PROBE_EVERY, PROBE_REQUESTS
 from hf_turbo.testing import fixture_path, tiny_model
 
 pytestmark = pytest.mark.timeout(180)

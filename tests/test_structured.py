@@ -13,10 +13,10 @@ import torch
 
 import hf_turbo
 from hf_turbo.config import SpeculativeConfig
+from hf_turbo.eval.exactness import masked_batch
 from hf_turbo.grammar import GrammarCompilerCache, GrammarState
 from hf_turbo.sampling import SamplingParams
 from hf_turbo.testing import fixture_path, tiny_model
-from hf_turbo.testing.exactness import masked_batch
 
 xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")

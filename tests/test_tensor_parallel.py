@@ -19,8 +19,8 @@ import torch
 
 from hf_turbo import Engine, SamplingParams
 from hf_turbo.engine.distributed import local_kv_layout, model_tp_size
+from hf_turbo.eval.exactness import explain_divergence
 from hf_turbo.serve.launch import free_port
-from hf_turbo.testing.exactness import explain_divergence
 from hf_turbo.testing.tiny import tiny_model
 
 ARCHS = ("llama", "qwen3", "mixtral")

@@ -31,7 +31,7 @@ from hf_turbo.cache.paged_cache import kv_layout
 logger = logging.getLogger(__name__)
 
 __all__ = ["TPGroup", "PlanSender", "local_kv_layout", "kv_bytes_per_block", "agree_num_blocks", "model_tp_size",
-           "tensor_parallel", "attach", "STOP", "STEP", "RUN_END"]
+           "attach", "STOP", "STEP", "RUN_END"]
 
 STEP = "step"
 STOP = "stop"
@@ -256,19 +256,3 @@ def attach(engine, group: TPGroup | None = None) -> PlanSender:
     sender = PlanSender(engine.runner, engine.scheduler, group, check_sampling=engine.config.debug_checks)
     engine.runner = sender
     return sender
-
-
-def tensor_parallel(engine):
-    """The engine's part in a tensor-parallel group: None for a model that is not sharded; on rank 0 the
-    :class:`PlanSender` its runner now is; on the others a :class:`~hf_turbo.engine.follower.Follower` to
-    ``run()`` (``Engine.follow``), while the engine's own runner refuses steps."""
-    if model_tp_size(engine.model) == 1:
-        return None
-    group = TPGroup.default()
-    if group.is_driver:
-        return attach(engine, group)
-    from hf_turbo.engine.follower import Follower
-
-    follower = Follower(engine, group)
-    engine.runner = _FollowerRunner(engine.runner, group.rank)
-    return follower

@@ -20,55 +20,24 @@ from hf_turbo.backends import get_backend
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache
 from hf_turbo.config import TurboConfig
+from hf_turbo.engine.attach import attach
 from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
-from hf_turbo.engine.distributed import agree_num_blocks, kv_bytes_per_block, local_kv_layout, tensor_parallel
-from hf_turbo.engine.memory import cuda_kv_budget
+from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout
+from hf_turbo.engine.follower import tensor_parallel
+from hf_turbo.engine.memory import model_max_len, num_kv_blocks
 from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.engine.spec.decoder import SpecDecoder
+from hf_turbo.engine.spec.proposers import validate_draft
 from hf_turbo.grammar.steps import StepGrammar
 from hf_turbo.sampling import SamplingParams, random_seed, sample, validate_vocab
-from hf_turbo.spec.decoder import SpecDecoder
-from hf_turbo.spec.proposers import validate_draft
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "num_kv_blocks"]
 
 PromptType = str | Sequence[int]
-
-
-def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) -> int:
-    """Blocks the KV budget affords: explicit, CUDA memory left after a profiling forward, or a CPU byte budget.
-
-    ``extra_bytes_per_block``: memory that goes with each block elsewhere (a draft model's own
-    pool of the same block count), so both fit the one budget.
-    """
-    cc = config.cache
-    if cc.num_blocks is not None:
-        return cc.num_blocks
-    dtype = next(model.parameters()).dtype
-    per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        # a forward longer than the model's positions would fail (absolute position embeddings)
-        tokens = min(config.max_num_batched_tokens, config.max_model_len or _model_max_len(model) or 1 << 30)
-        budget = cuda_kv_budget(model, cc.gpu_memory_fraction, tokens)
-    else:
-        budget = cc.cpu_kv_bytes
-    blocks = max(1, budget // per_block)
-    # A small model on a big card would get millions of blocks (and a block pool that takes seconds to
-    # build): cap at twice what every running sequence at full length needs; the rest only keeps more
-    # prefix-cache entries alive.
-    max_len = config.max_model_len or _model_max_len(model)
-    if max_len:
-        blocks = min(blocks, 2 * config.max_num_seqs * math.ceil(max_len / cc.block_size))
-    return blocks
-
-
-def _model_max_len(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "max_position_embeddings", None)
 
 
 def _eos_ids(model) -> tuple[int, ...]:
@@ -91,14 +60,12 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, config: TurboConfig | None = None, **overrides) -> None:
-        from hf_turbo.api import _ensure_turbo_attention
-
         config = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
         spec = config.speculative
         draft = spec.draft_model if spec is not None and spec.method == "draft" else None
         if draft is not None:  # before anything is patched or allocated
             validate_draft(draft, model, spec.draft_tokenizer, tokenizer)
-        _ensure_turbo_attention(model)
+        attach(model, config)  # the "hf_turbo" attention, after the probe (a model already attached keeps its own)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -106,7 +73,7 @@ class Engine:
         self.device = param.device
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() \
             is not None else model.config.vocab_size
-        self.max_model_len = config.max_model_len or _model_max_len(model)
+        self.max_model_len = config.max_model_len or model_max_len(model)
         self.eos_ids = _eos_ids(model)
         draft_bytes = 0 if draft is None else PagedKVCache.bytes_per_block(draft.config, config.cache.block_size,
                                                                            next(draft.parameters()).dtype)
@@ -228,7 +195,7 @@ class Engine:
         """Run one scheduled forward; returns outputs of requests that got tokens or finished.
 
         With speculation, running requests first get proposals (``spec_tokens``) that the same
-        forward verifies; a request may then gain several tokens in one step (``hf_turbo.spec``).
+        forward verifies; a request may then gain several tokens in one step (``hf_turbo.engine.spec``).
         """
         plan = self._schedule()
         if plan is None:

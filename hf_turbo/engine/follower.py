@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hf_turbo.engine.distributed import RUN_END, STEP, STOP, TPGroup
+from hf_turbo.engine.distributed import RUN_END, STEP, STOP, TPGroup, _FollowerRunner, attach, model_tp_size
 from hf_turbo.sampling import RowState, sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Follower", "follow"]
+__all__ = ["Follower", "follow", "tensor_parallel"]
 
 
 @dataclass(eq=False)
@@ -198,3 +198,17 @@ class Follower:
 def follow(engine, group: TPGroup | None = None, check_sampling: bool | None = None) -> FollowStats:
     """Run ``engine`` (built without the automatic hook) as a follower of rank 0 until rank 0 closes the group."""
     return Follower(engine, group or TPGroup.default(), check_sampling).run()
+
+
+def tensor_parallel(engine):
+    """The engine's part in a tensor-parallel group: None for a model that is not sharded; on rank 0 the
+    :class:`PlanSender` its runner now is; on the others a :class:`~hf_turbo.engine.follower.Follower` to
+    ``run()`` (``Engine.follow``), while the engine's own runner refuses steps."""
+    if model_tp_size(engine.model) == 1:
+        return None
+    group = TPGroup.default()
+    if group.is_driver:
+        return attach(engine, group)
+    follower = Follower(engine, group)
+    engine.runner = _FollowerRunner(engine.runner, group.rank)
+    return follower

@@ -8,12 +8,16 @@ peak of one forward at the step token budget, plus the KV pool. The pool gets th
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
+from hf_turbo.config import TurboConfig
+from hf_turbo.engine.distributed import kv_bytes_per_block
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["kv_budget_bytes", "profile_forward_peak", "cuda_kv_budget"]
+__all__ = ["cuda_kv_budget", "kv_budget_bytes", "model_max_len", "num_kv_blocks", "profile_forward_peak"]
 
 _GIB = 1 << 30
 
@@ -70,3 +74,37 @@ def cuda_kv_budget(model, fraction: float, num_tokens: int) -> int:
                 "(%d tokens)", budget / _GIB, 100 * fraction, total / _GIB, (total - free) / _GIB, peak / _GIB,
                 num_tokens)
     return budget
+
+
+def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) -> int:
+    """Blocks the KV budget affords: explicit, CUDA memory left after a profiling forward, or a CPU byte budget.
+
+    ``extra_bytes_per_block``: memory that goes with each block elsewhere (a draft model's own
+    pool of the same block count), so both fit the one budget.
+    """
+    cc = config.cache
+    if cc.num_blocks is not None:
+        return cc.num_blocks
+    dtype = next(model.parameters()).dtype
+    per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        # a forward longer than the model's positions would fail (absolute position embeddings)
+        tokens = min(config.max_num_batched_tokens, config.max_model_len or model_max_len(model) or 1 << 30)
+        budget = cuda_kv_budget(model, cc.gpu_memory_fraction, tokens)
+    else:
+        budget = cc.cpu_kv_bytes
+    blocks = max(1, budget // per_block)
+    # A small model on a big card would get millions of blocks (and a block pool that takes seconds to
+    # build): cap at twice what every running sequence at full length needs; the rest only keeps more
+    # prefix-cache entries alive.
+    max_len = config.max_model_len or model_max_len(model)
+    if max_len:
+        blocks = min(blocks, 2 * config.max_num_seqs * math.ceil(max_len / cc.block_size))
+    return blocks
+
+
+def model_max_len(model) -> int | None:
+    """The model's ``max_position_embeddings`` (text config), or None."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)

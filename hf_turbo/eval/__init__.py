@@ -29,15 +29,12 @@ Python::
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from hf_turbo.eval.cli import add_arguments, run
-from hf_turbo.eval.contract import CONTRACT
+from hf_turbo.eval.contract import CONTRACT, METRIC_PATH
 from hf_turbo.eval.options import EvalOptions
 
 __all__ = ["add_arguments", "run", "run_eval", "EvalOptions", "CONTRACT", "METRIC_PATH"]
 
-METRIC_PATH = str(Path(__file__).parent / "metric" / "turbo_equivalence.py")
 
 
 def run_eval(options: EvalOptions) -> dict:

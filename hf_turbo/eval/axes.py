@@ -114,7 +114,7 @@ def _trim(row: list[int], eos_ids: tuple[int, ...]) -> list[int]:
 # -- the axes ---------------------------------------------------------------------------------------
 def axis_generate(t: EvalTarget, params: list[SamplingParams]) -> AxisResult:
     """The one-liner: ``accelerate(model)`` then one batched, left-padded ``model.generate()``."""
-    from hf_turbo.testing.exactness import left_pad
+    from hf_turbo.eval.exactness import left_pad
 
     if hf_turbo.is_accelerated(t.model):
         hf_turbo.restore(t.model)
@@ -210,7 +210,7 @@ def axis_prefix_warm(t: EvalTarget, params: list[SamplingParams]) -> AxisResult:
 def _speculative_config(t: EvalTarget, method: str) -> TurboConfig:
     """``t.config`` with speculative decoding, or AxisSkipped when hf_turbo does not have it yet."""
     spec_cls = None
-    for module in ("hf_turbo.config", "hf_turbo.spec"):
+    for module in ("hf_turbo.config", "hf_turbo.engine.spec"):
         try:
             spec_cls = importlib.import_module(module).SpeculativeConfig
             break

@@ -18,7 +18,12 @@ Thresholds, and why:
 
 from __future__ import annotations
 
-from hf_turbo.testing.exactness import NEAR_TIE_FP32
+from pathlib import Path
+
+from hf_turbo.eval.exactness import NEAR_TIE_FP32
+
+# the ``turbo_equivalence`` metric: an ``evaluate`` module loaded by path
+METRIC_PATH = str(Path(__file__).parent / "metric" / "turbo_equivalence.py")
 
 __all__ = ["CONTRACT", "NEAR_TIE_FP32", "NEAR_TIE_BF16", "NEAR_TIE_FP16", "TEACHER_FORCED_TOL",
            "near_tie_threshold", "teacher_forced_tol", "PASS", "FAIL", "SKIP", "INFO", "REF", "ERROR"]

@@ -7,7 +7,7 @@ on two prompts (5 and 23 tokens) one at a time and as one left-padded batch, 16 
 
 * ``identical``: every row equal token for token;
 * ``near-tie``: rows differ only where stock's top-2 logit gap is a genuine fp32 tie
-  (:mod:`hf_turbo.testing.exactness`, the eval suite's rule);
+  (:mod:`hf_turbo.eval.exactness`, the eval suite's rule);
 * ``refused``: ``accelerate()`` raised ValueError (its reason is the detail);
 * ``wrong``: different tokens away from a tie (a bug);
 * ``raises``: ``accelerate()`` or the accelerated ``generate()`` raised something else (a bug);
@@ -69,7 +69,7 @@ def _pad_id(model) -> int:
 
 def _generate_all(model, prompts: list[list[int]], pad: int) -> list[tuple[list[int], list[int]]]:
     """(prompt, new tokens) per row: each prompt alone, then both as one left-padded batch."""
-    from hf_turbo.testing.exactness import left_pad
+    from hf_turbo.eval.exactness import left_pad
 
     kw = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "num_beams": 1, "pad_token_id": pad}
     rows = []
@@ -105,7 +105,7 @@ def _attempt(fn):
 def check_model_type(model_type: str, seed: int = 0) -> RegistryRow:
     """Build ``model_type`` small, run stock and accelerated greedy generate(), classify (see module doc)."""
     import hf_turbo
-    from hf_turbo.testing.exactness import explain_divergence
+    from hf_turbo.eval.exactness import explain_divergence
     from hf_turbo.testing.registry import registry_model
 
     start = time.perf_counter()

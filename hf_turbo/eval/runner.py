@@ -21,8 +21,9 @@ import torch
 
 import hf_turbo
 from hf_turbo.config import TurboConfig
-from hf_turbo.eval import METRIC_PATH, contract
+from hf_turbo.eval import contract
 from hf_turbo.eval.axes import AXES, GREEDY_ONLY, AxisSkipped, EvalTarget, blocks_for, runs_for_flags, timed
+from hf_turbo.eval.contract import METRIC_PATH
 from hf_turbo.eval.models import EvalModel, check_model_dir, load_eval_model
 from hf_turbo.eval.options import EvalOptions
 from hf_turbo.eval.prompts import build_prompt_dataset, encode_prompts, load_prompt_file

@@ -60,7 +60,7 @@ def _rank_main(rank: int, args: argparse.Namespace, size: int, master_port: int,
     import torch
     import torch.distributed as dist
 
-    from hf_turbo.serve.cli import build_app, serve_app
+    from hf_turbo.serve.build import build_app, serve_app
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(size))

@@ -1,7 +1,7 @@
 """``hf-turbo serve --replicas N``: N engine replicas behind Ray Serve, with the one-engine server's routes.
 
 Each replica is a Ray Serve deployment replica that builds the same FastAPI app as ``hf-turbo serve``
-(:func:`hf_turbo.serve.cli.build_app`: model, engine, OpenAI routes, API key, body limits, ``/metrics``)
+(:func:`hf_turbo.serve.build.build_app`: model, engine, OpenAI routes, API key, body limits, ``/metrics``)
 and is mounted through Ray Serve's FastAPI ingress; Ray's HTTP proxy listens on ``--host``/``--port`` and
 routes each request to a replica. Ray restarts a replica that dies (its health check is the engine
 thread's); requests in flight on it get a 5xx from the proxy, to which :class:`RetryHint` adds
@@ -133,7 +133,7 @@ def build_deployment(args: argparse.Namespace, num_replicas: int):
         def __serve_build_asgi_app__(self):
             import torch
 
-            from hf_turbo.serve.cli import build_app
+            from hf_turbo.serve.build import build_app
 
             if not cuda:
                 torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ column, which no engine sequence has). ``inputs_embeds`` and ``token_type_ids`` 
 per-token model inputs of the prompt (such requests skip the prefix cache and the lean forward).
 
 ``assistant_model=draft`` and ``prompt_lookup_num_tokens=k`` run on an engine with speculative
-decoding (``hf_turbo.spec``), batched, cached on the model per (method, draft, k); the output is
+decoding (``hf_turbo.engine.spec``), batched, cached on the model per (method, draft, k); the output is
 the same as without them.
 """
 
@@ -23,8 +23,8 @@ import logging
 
 import torch
 
-from hf_turbo.patches.generate_cache import importable_reason
-from hf_turbo.patches.generate_run import GenerateCall, eos_list, full_mask, run_on_engine, split_xgrammar
+from hf_turbo.integrations.generate_cache import importable_reason
+from hf_turbo.integrations.generate_run import GenerateCall, eos_list, full_mask, run_on_engine, split_xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,12 @@ def _call_or_reason(model, engine_for, inputs, generation_config, kwargs: dict) 
     return (call, engine), ""
 
 
-def make_generate(model):
-    """Build the instance-level ``generate`` installed by ``accelerate``."""
+def make_generate(model, get_engine):
+    """Build the instance-level ``generate`` installed by ``accelerate``; ``get_engine(model)`` gives the model's
+    engine."""
     stock_generate = type(model).generate.__get__(model)
 
     def engine_for(gen_config, assistant):
-        from hf_turbo.api import get_engine
-
         spec = _speculative_config(gen_config, assistant)
         return get_engine(model) if spec is None else _spec_engine(model, spec)
 

@@ -20,8 +20,8 @@ import logging
 
 from hf_turbo.config import SpeculativeConfig, TurboConfig
 from hf_turbo.engine.request import Request
-from hf_turbo.spec.adaptive import AdaptiveK, StepCost
-from hf_turbo.spec.proposers import DraftModelProposer, NgramProposer
+from hf_turbo.engine.spec.adaptive import AdaptiveK, StepCost
+from hf_turbo.engine.spec.proposers import DraftModelProposer, NgramProposer
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_turbo.integrations.generate_cache import export_cache, import_rows
 from hf_turbo.patches import compat
-from hf_turbo.patches.generate_cache import export_cache, import_rows
 from hf_turbo.sampling import SamplingParams
 
 __all__ = ["GenerateCall", "run_on_engine", "sampling_params", "max_new_tokens", "row_prompts", "full_mask",

@@ -8,9 +8,9 @@ token-for-token the output without speculation (greedy and seeded sampling alike
 from __future__ import annotations
 
 from hf_turbo.config import SpeculativeConfig
-from hf_turbo.spec.adaptive import AdaptiveK, expected_tokens
-from hf_turbo.spec.decoder import SpecDecoder, num_accepted
-from hf_turbo.spec.proposers import DraftModelProposer, NgramProposer, validate_draft
+from hf_turbo.engine.spec.adaptive import AdaptiveK, expected_tokens
+from hf_turbo.engine.spec.decoder import SpecDecoder, num_accepted
+from hf_turbo.engine.spec.proposers import DraftModelProposer, NgramProposer, validate_draft
 
 __all__ = ["AdaptiveK", "DraftModelProposer", "NgramProposer", "SpecDecoder", "SpeculativeConfig",
            "expected_tokens", "num_accepted", "validate_draft"]

@@ -23,6 +23,7 @@ import torch
 from hf_turbo.backends import get_backend
 from hf_turbo.cache.block_pool import BlockPool
 from hf_turbo.cache.paged_cache import PagedKVCache
+from hf_turbo.engine.attach import attach, detach, state_of
 from hf_turbo.engine.request import Request
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.sampling import RowState, sample
@@ -126,19 +127,17 @@ class _DraftSeq:
 class DraftModelProposer:
     """Proposals from a draft HF model on its own ``PagedKVCache`` + ``BlockPool`` + ``ModelRunner``.
 
-    The draft is switched to the "hf_turbo" attention with ``hf_turbo.accelerate`` (unless it is
-    already accelerated) and restored by :meth:`close`. Its pool has ``num_blocks`` blocks of the
+    The draft is switched to the "hf_turbo" attention (``engine/attach.py``; unless it already runs it)
+    and switched back by :meth:`close`. Its pool has ``num_blocks`` blocks of the
     target's block size (the engine sizes both pools from one budget). When the pool runs dry a
     request simply gets fewer (or no) proposals.
     """
 
     def __init__(self, draft, num_blocks: int, block_size: int, backend: str = "auto",
                  max_num_batched_tokens: int = 2048, prefix_caching: bool = True, lean: bool = True) -> None:
-        from hf_turbo.api import accelerate, is_accelerated
-
         self.model = draft
-        self._owns_patch = not is_accelerated(draft)
-        accelerate(draft)
+        self._owns_patch = state_of(draft) is None
+        attach(draft)
         param = next(draft.parameters())
         num_layers = draft.config.get_text_config().num_hidden_layers
         self.cache = PagedKVCache(num_blocks, block_size, num_layers, param.dtype, param.device,
@@ -268,8 +267,7 @@ class DraftModelProposer:
         self.seqs.clear()
         self.cache.forget_sequences()
         if self._owns_patch:
-            from hf_turbo.api import is_accelerated, restore
-
-            if is_accelerated(self.model):
-                restore(self.model)
+            state = state_of(self.model)
+            if state is not None and not state.generate_installed:  # nobody accelerated it since
+                detach(self.model)
             self._owns_patch = False

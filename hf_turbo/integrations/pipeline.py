@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 
+from hf_turbo.engine.attach import state_of
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["pipeline", "install", "uninstall", "is_installed"]
+__all__ = ["install", "uninstall", "is_installed"]
 
 _lock = threading.Lock()
 _accelerated_models: weakref.WeakSet = weakref.WeakSet()
@@ -97,11 +99,10 @@ def _stock_get_iterator(pipe):
 
 def _get_iterator(self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params,
                   postprocess_params):
-    from hf_turbo.api import is_accelerated
-
     stock = _stock_get_iterator(self)
     cls = _pipeline_class()
-    if not (isinstance(inputs, list) and inputs and is_accelerated(self.model)
+    state = state_of(self.model)
+    if not (isinstance(inputs, list) and inputs and state is not None and state.generate_installed
             and type(self)._forward is cls._forward):
         return stock(inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params)
     return iter(_run_one_batch(self, inputs, num_workers, batch_size, preprocess_params, forward_params,
@@ -204,7 +205,7 @@ def _same(a, b) -> bool:
 
 def _plan(model, calls: Sequence[tuple]):
     """The resolved GenerationConfig if one engine call reproduces every chunk's stock call, else None."""
-    from hf_turbo.patches.generate import per_row_processor_reason, unsupported_reason
+    from hf_turbo.integrations.generate import per_row_processor_reason, unsupported_reason
 
     kwargs = calls[0][2]
     for ids, _, kw in calls:
@@ -288,32 +289,3 @@ def _new_lengths(new: list[list[int]], gc) -> list[int]:
                     n -= 1
         out.append(n)
     return out
-
-
-# -- convenience --------------------------------------------------------------------------------
-def pipeline(task: str = "text-generation", model=None, tokenizer=None, *, turbo_config=None,
-             dtype: str | torch.dtype = "float32", device: str | None = None, trust_remote_code: bool = False,
-             **kwargs):
-    """``transformers.pipeline`` over an accelerated model: lists run as one continuous batch.
-
-    ``model`` is a loaded causal LM (accelerated in place) or a path / hub id / ``"fixture"`` that is
-    loaded first (safetensors only; ``dtype``, ``device`` and ``trust_remote_code`` apply then).
-    ``turbo_config`` is a :class:`~hf_turbo.TurboConfig` for :func:`hf_turbo.accelerate`; other
-    keyword arguments go to ``transformers.pipeline``.
-    """
-    import transformers
-
-    from hf_turbo.api import accelerate
-
-    if task != "text-generation":
-        raise ValueError(f"task must be 'text-generation' (hf_turbo accelerates causal LMs), got {task!r}")
-    if model is None:
-        raise ValueError("model is required: a loaded causal LM, a local path, a hub id or 'fixture'")
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from hf_turbo.loading import load_model_and_tokenizer
-
-        model, loaded_tok = load_model_and_tokenizer(str(model), dtype=dtype, device=device,
-                                                     trust_remote_code=trust_remote_code)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tok
-    accelerate(model, turbo_config)
-    return transformers.pipeline(task, model=model, tokenizer=tokenizer, **kwargs)
