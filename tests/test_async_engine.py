@@ -236,7 +236,8 @@ def test_abort_cancel_close_under_load(tiny, shared_prefix):
             assert s["requests_aborted"] >= 10
             if shared_prefix:
                 assert s["prefix_cache_hit_rate"] > 0
-                assert eng.engine.cache.backend_state.shares_pages or not vmem.supported()
+                if eng.engine.backend.name == "cpu":  # the CPU backend maps shared prefix pages
+                    assert eng.engine.cache.backend_state.shares_pages or not vmem.supported()
             # finished ids are free again
             again = await asyncio.gather(*(collect(eng, prompts[i], params[i], f"r{i}") for i in range(4)))
             await barrier(eng)

@@ -146,6 +146,7 @@ def test_plan_appends_many_sequences_and_reuses_slots():
     assert len(mirror) == 0 and mirror.nbytes() == 0  # the arenas go with the last sequence
 
 
+@pytest.mark.cpu_backend
 def test_engine_frees_copies_and_matches_block_table_path(monkeypatch):
     import hf_turbo.engine.runner as runner_mod
 

@@ -104,6 +104,7 @@ def test_rejects_out_of_range_metadata(ext):
         ext.decode_attention(q, k, k[:, :, :5], one, one, one, 1.0, out)
 
 
+@pytest.mark.cpu_backend
 def test_engine_uses_it_and_matches_stock(ext, monkeypatch):
     model = tiny_model("llama", seed=3)
     calls = []
@@ -141,6 +142,7 @@ def test_failed_self_check_falls_back(fresh, caplog):
     assert got == want
 
 
+@pytest.mark.cpu_backend
 def test_failed_build_falls_back(fresh, caplog):
     def no_compiler():
         raise RuntimeError("Ninja is required to load C++ extensions")

@@ -78,7 +78,7 @@ def test_greedy_equals_stock(arch, variation):
             assert engine.stats()["preemptions"] > 0
         if variation == "chunked_prefill":
             assert engine.stats()["steps"] > N_PROMPTS
-        if variation.startswith("page_mapped") and vmem.supported():
+        if variation.startswith("page_mapped") and vmem.supported() and engine.backend.name == "cpu":
             assert engine.cache.backend_state.shares_pages
         assert got == list(_stock(arch))
     finally:

@@ -169,6 +169,7 @@ def test_planted_chunking_bug_is_caught_on_the_right_axis(cache, monkeypatch):
         assert chunked["first_divergence"][d["row"]] == d["position"]
 
 
+@pytest.mark.cpu_backend
 def test_planted_softmax_scale_bug_fails_every_axis_after_the_first_token(cache, monkeypatch):
     """A wrong scale in decode attention: every axis diverges, never at position 0 (prefill is right)."""
     from hf_turbo.backends import cpu as cpu_backend

@@ -129,6 +129,7 @@ def test_other_architectures_call_the_model(arch):
     assert Engine(model).runner.lean is None
 
 
+@pytest.mark.cpu_backend
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_one_call_norms_and_silu_equal_stock(arch, monkeypatch):
     """On the CPU the lean forward's RMSNorms (and Qwen3's q/k norms) and its MLP's silu(gate) * up are the

@@ -138,6 +138,7 @@ def _fixture_engine_vs_stock(budget_ok: bool, monkeypatch) -> Engine:
     return engine
 
 
+@pytest.mark.cpu_backend
 def test_engine_decodes_on_packed_weights_and_equals_stock(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(True, monkeypatch)
     wrappers = list(engine.backend.linears.values())
@@ -145,6 +146,7 @@ def test_engine_decodes_on_packed_weights_and_equals_stock(ext, monkeypatch):
     assert all(w.hits > 0 for w in wrappers)  # all ran 16-token decode steps packed
 
 
+@pytest.mark.cpu_backend
 def test_over_budget_model_keeps_f_linear(ext, monkeypatch):
     engine = _fixture_engine_vs_stock(False, monkeypatch)
     wrappers = list(engine.backend.linears.values())
