@@ -35,7 +35,7 @@ class StepPlan:
     sched: SchedulerOutput
     rows: list[list[int]]
 
-    @property
+    @functools.cached_property
     def sampled(self) -> list[tuple[int, Request]]:
         """(index in the schedule, request) of every request that samples this step."""
         return [(i, req) for i, (req, _) in enumerate(self.sched.scheduled) if self.rows[i]]
