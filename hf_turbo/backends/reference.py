@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from hf_turbo.backends.base import Backend
+from hf_turbo.backends.kernels import store_kv
 from hf_turbo.backends.torch_kernels import causal_mask, gather_keys, paged_attention_ref, plan_paged
 
 __all__ = ["ReferenceBackend", "eager_sink_attention", "paged_sink_attention"]
@@ -29,10 +30,7 @@ class ReferenceBackend(Backend):
                                                 ctx.cache.block_size, None, None)
 
     def write_kv(self, ctx, layer: int, key: Tensor, value: Tensor) -> None:
-        k_pool, v_pool = ctx.cache.layer_pools(layer)
-        h, d = k_pool.shape[2], k_pool.shape[3]
-        k_pool.view(-1, h, d).index_copy_(0, ctx.slot_mapping, key)
-        v_pool.view(-1, h, d).index_copy_(0, ctx.slot_mapping, value)
+        store_kv(key, value, *ctx.cache.layer_pools(layer), ctx.slot_mapping, backend="reference", validate=False)
 
     def attend(self, ctx, layer: int, q: Tensor, *, scale: float, sliding_window: int | None,
                softcap: float | None, sinks: Tensor | None = None) -> Tensor:
@@ -42,7 +40,8 @@ class ReferenceBackend(Backend):
                 raise ValueError("attention sinks with softcap are not implemented")
             return paged_sink_attention(q, k_pool, v_pool, ctx, scale, sliding_window, sinks)
         return paged_attention_ref(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
-                                   scale=scale, sliding_window=sliding_window, softcap=softcap, plans=ctx.meta)
+                                   scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                   plans=ctx.meta if isinstance(ctx.meta, dict) else None)
 
 
 def eager_sink_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, scaling: float,

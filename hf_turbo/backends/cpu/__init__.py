@@ -91,13 +91,9 @@ class CpuBackend(ReferenceBackend):
                softcap: float | None, sinks: Tensor | None = None) -> Tensor:
         step = ctx.meta
         if sinks is not None or not isinstance(step, CpuStep) or step.arenas[layer] is None:
-            if isinstance(step, CpuStep):
-                ctx.meta = None  # the reference path plans for itself
-            try:
-                return super().attend(ctx, layer, q, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                                      sinks=sinks)
-            finally:
-                ctx.meta = step
+            # the reference path over the pools (it plans for itself when the metadata is not its own)
+            return super().attend(ctx, layer, q, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                                  sinks=sinks)
         k_arena, v_arena = step.arenas[layer]
         cu, lens, slots = ctx.host_cu_seqlens_q, ctx.host_context_lens, step.plan.slots
         if softcap is None and sliding_window is None and step.decode is not None:
