@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 		echo "no NVIDIA GPU: installing the CPU build torch==2.13.0"; \
 		$(PY) -m pip install --quiet "torch==2.13.0"; \
 	fi
-	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev,ray]"
+	$(PY) -m pip install --quiet -e ".[serve,eval,bench,dev,ray,quant]"
 	@# the CPU extension is compiled here, once, rather than inside the first process that needs it
 	-$(PY) -c 'from hf_turbo.backends.cpu import ext; ext.build_ahead()'
 	@touch $(STAMP)

@@ -20,6 +20,7 @@ import torch
 from hf_turbo.config import TurboConfig
 from hf_turbo.engine.attach import attach, detach, state_of
 from hf_turbo.engine.engine import Engine
+from hf_turbo.engine.lean import LeanForward
 from hf_turbo.integrations.generate import make_generate
 from hf_turbo.integrations.pipeline import install as install_pipeline_patch
 from hf_turbo.integrations.pipeline import uninstall as uninstall_pipeline_patch
@@ -62,7 +63,8 @@ def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, 
     model.generate = make_generate(model, get_engine)
     install_pipeline_patch(model)
     state.generate_installed = True
-    logger.info("hf_turbo: accelerated %s", type(model).__name__)
+    path = LeanForward.describe(model) if cfg.lean_forward else "the model's own forward (TurboConfig.lean_forward=False)"
+    logger.info("hf_turbo: accelerated %s; each step runs %s", type(model).__name__, path)
     return model
 
 

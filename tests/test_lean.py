@@ -187,20 +187,39 @@ def test_hooks_and_replaced_modules_turn_it_off():
     handle.remove()
     assert LeanForward.why_not(model) is None
 
-    class Adapter(nn.Linear):
-        pass
-
     old = model.model.layers[0].self_attn.v_proj
-    adapter = Adapter(old.in_features, old.out_features, bias=False)
-    model.model.layers[0].self_attn.v_proj = adapter
-    assert "nn.Linear" in LeanForward.why_not(model)
+    model.model.layers[0].self_attn.v_proj = nn.Sequential(old)  # an adapter that is not an nn.Linear
+    assert "not an nn.Linear" in LeanForward.why_not(model)
     model.model.layers[0].self_attn.v_proj = old
     old = model.model.layers[1].mlp.down_proj  # the lean forward calls the MLP's projections itself too
-    model.model.layers[1].mlp.down_proj = Adapter(old.in_features, old.out_features, bias=False)
-    assert "nn.Linear" in LeanForward.why_not(model)
+    model.model.layers[1].mlp.down_proj = nn.Sequential(old)
+    assert "not an nn.Linear" in LeanForward.why_not(model)
     model.model.layers[1].mlp.down_proj = old
     model.model.norm.forward = lambda x: x  # an instance-level patch, as offloading hooks do
     assert "patched forward" in LeanForward.why_not(model)
+
+
+def test_linear_subclass_runs_its_own_forward():
+    """A subclass of nn.Linear (a quantizer's layer) keeps the lean forward, which calls the layer's own forward:
+    a subclass computing something else than F.linear still gives the model's logits bit for bit."""
+
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.25
+
+    model = tiny_model("llama")
+    old = model.model.layers[1].mlp.down_proj
+    model.model.layers[1].mlp.down_proj = Shifted(old.in_features, old.out_features, bias=False)
+    model.model.layers[1].mlp.down_proj.weight = old.weight
+    assert LeanForward.why_not(model) is None
+    assert "Shifted" in LeanForward.describe(model)
+    engine = Engine(model)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    got = [o.token_ids for o in engine.generate(prompts, hf_turbo.SamplingParams(max_new_tokens=6))]
+    assert engine.runner.lean_verified
+    want = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    assert got == want
+    engine.close()
 
 
 def test_config_switch():

@@ -16,7 +16,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Backend", "FusedOps", "STOCK_OPS"]
+__all__ = ["Backend", "FusedOps", "STOCK_OPS", "is_plain_linear"]
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself over plain tensors, so ``F.linear`` on its weight is what calling it computes
+    (not a quantizer's subclass, nor a quantized weight tensor): the only linear a backend may compute its own way."""
+    return type(module) is nn.Linear and type(module.weight) in (nn.Parameter, Tensor)
 
 
 def _module_forward(module: nn.Module, x: Tensor) -> Tensor:

@@ -6,8 +6,9 @@ Python around the ops: ``nn.Module.__call__`` for every module, the ``deprecate_
 the mask and attention interface lookups and the output dataclasses. For the architectures in
 ``FAMILIES``, when every module is the stock class and no module carries a hook,
 :class:`LeanForward` walks the same modules and computes the same values in the same order with the
-same shapes: the embedding and rotary modules, each projection's ``F.linear`` with its own weight and
-bias, the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, the "hf_turbo"
+same shapes: the embedding and rotary modules, each projection called as the stock forward calls it (an
+``nn.Linear``, a quantizer's subclass of it such as bitsandbytes' ``Linear8bitLt``/``Linear4bit``, or an
+``nn.Linear`` over a quantized weight tensor such as torchao's), the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, the "hf_turbo"
 attention, the norms' ``forward`` and the MLP's ``down(act(gate(x)) * up(x))``. Each op sees the
 inputs it sees in the stock forward, so the logits are bitwise the model's.
 
@@ -30,9 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hf_turbo.backends.base import is_plain_linear
 from hf_turbo.patches.attention import ATTN_NAME, turbo_attention
 
-__all__ = ["FAMILIES", "LeanForward"]
+__all__ = ["FAMILIES", "LeanForward", "linear_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,16 @@ def _hooked(module: nn.Module) -> bool:
     """Whether calling the module does more than its class's ``forward`` (hooks, a patched forward)."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or "forward" in module.__dict__ or hasattr(module, "_hf_hook"))
+
+
+def linear_kind(module: nn.Linear) -> str:
+    """What computes ``module(x)``: ``nn.Linear``, a quantizer's subclass (``bitsandbytes Linear8bitLt``) or
+    ``nn.Linear`` over a quantized weight tensor (torchao's ``Int8Tensor``)."""
+    if type(module) is not nn.Linear:
+        return f"{type(module).__module__.split('.')[0]} {type(module).__name__}"
+    if not is_plain_linear(module):
+        return f"nn.Linear over {type(module.weight).__name__}"
+    return "nn.Linear"
 
 
 def _global_hooks() -> bool:
@@ -99,8 +111,8 @@ class LeanForward:
         base = getattr(model, "model", None)
         if type(base) is not expected["Model"]:
             return f"model.model is a {type(base).__name__}, not the stock {p}Model"
-        if type(model.lm_head) is not nn.Linear or type(base.embed_tokens) is not nn.Embedding:
-            return "the embedding or the LM head is not a plain torch module"
+        if not isinstance(model.lm_head, nn.Linear) or type(base.embed_tokens) is not nn.Embedding:
+            return "the embedding is not a plain nn.Embedding or the LM head not an nn.Linear"
         if type(base.norm) is not expected["RMSNorm"] or type(base.rotary_emb) is not expected["RotaryEmbedding"]:
             return "the final norm or the rotary embedding is not the stock module"
         for i, layer in enumerate(base.layers[: config.num_hidden_layers]):
@@ -113,8 +125,8 @@ class LeanForward:
             mlp = layer.mlp
             projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj)
-            if any(type(lin) is not nn.Linear for lin in projections):
-                return f"layer {i} has a projection that is not a plain nn.Linear (adapter, quantized)"
+            if any(not isinstance(lin, nn.Linear) for lin in projections):
+                return f"layer {i} has a projection that is not an nn.Linear (an adapter?)"
             if family.qk_norm and (type(attn.q_norm) is not expected["RMSNorm"]
                                    or type(attn.k_norm) is not expected["RMSNorm"]):
                 return f"layer {i} has a q/k norm that is not the stock module"
@@ -122,6 +134,15 @@ class LeanForward:
         if hooked is not None:
             return f"module {hooked or type(model).__name__!r} has hooks or a patched forward"
         return None
+
+    @classmethod
+    def describe(cls, model: nn.Module) -> str:
+        """One line for the log: the lean forward and the kinds of linear layers it calls, or why not."""
+        why = cls.why_not(model)
+        if why is not None:
+            return f"the model's own forward ({why})"
+        kinds = sorted({linear_kind(m) for m in model.modules() if isinstance(m, nn.Linear)})
+        return f"the lean forward ({FAMILIES[model.config.model_type].prefix} family; linear layers: {', '.join(kinds)})"
 
     @classmethod
     def build(cls, model: nn.Module) -> LeanForward | None:

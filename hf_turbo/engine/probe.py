@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from hf_turbo.backends import get_backend
+from hf_turbo.backends.base import is_plain_linear
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache, kv_layout
+from hf_turbo.engine.lean import linear_kind
 from hf_turbo.patches.attention import CTX_KWARG, engine_forward
 from hf_turbo.patches.compat import cache_kwarg_name, forward_cache_kwargs
 
@@ -170,5 +173,15 @@ def probe_packed_forward(model, switch_attention, backend: str = "auto") -> str 
             return (f"the packed paged forward's logits differ from stock's by {float(diff.max()):.3g} "
                     f"(tolerance {tol:.3g}) at {where} of probe prompt {s}: the model computes something "
                     "(positions, state of its own, attention outside transformers' interface) that the "
-                    "packed forward does not reproduce")
+                    "packed forward does not reproduce" + _quantized_hint(model))
     return None
+
+
+def _quantized_hint(model) -> str:
+    """Why a quantized model may differ: its products may depend on the other rows of a packed batch."""
+    kinds = sorted({linear_kind(m) for m in model.modules() if isinstance(m, nn.Linear) and not is_plain_linear(m)})
+    if not kinds:
+        return ""
+    return (f"; or its quantized linear layers ({', '.join(kinds)}) compute a row's product from the whole batch "
+            "(bitsandbytes' LLM.int8() picks outlier columns over all rows: BitsAndBytesConfig(llm_int8_threshold=0.0) "
+            "makes each row independent)")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformers.activations import SiLUActivation
 
-from hf_turbo.backends.base import STOCK_OPS, FusedOps
+from hf_turbo.backends.base import STOCK_OPS, FusedOps, is_plain_linear
 from hf_turbo.backends.cpu import ext, packed
 from hf_turbo.backends.cpu.plan import MirrorPlan
 from hf_turbo.backends.cpu.rows import ContiguousKV
@@ -132,7 +132,7 @@ class CpuBackend(ReferenceBackend):
 
     def _make_ops(self, model: nn.Module, one_thread: bool) -> FusedOps:
         rms, rope, silu_mul = ext.rms_norm(), ext.rope(), ext.silu_mul()
-        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is nn.Linear)
+        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if is_plain_linear(m))
         pack = ext.packed_gemm() is not None and size <= packed.PACK_BUDGET_BYTES
 
         def norm(module: nn.Module, x: Tensor) -> Tensor:
@@ -147,7 +147,7 @@ class CpuBackend(ReferenceBackend):
             return act(gate) * up
 
         def linear(module: nn.Module):
-            if type(module) is not nn.Linear:
+            if not is_plain_linear(module):  # a quantized layer computes its own product
                 return module
             wrapper = self.linears.get(module)
             if wrapper is None:  # made on first sight, so a projection replaced later gets its own
