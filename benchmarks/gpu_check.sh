@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Correctness + timing check of hf_turbo's attention kernels on a CUDA box (about 5 minutes).
 #   benchmarks/gpu_check.sh [--sweep] [--e2e]
-# --e2e also runs tests/test_gpu.py (accelerated generate() and the Engine on CUDA against stock generate())
+# --e2e also runs tests/test_gpu.py and tests/test_layer_split.py (accelerated generate() and the Engine on CUDA against stock generate())
 # and a quick `hf-turbo bench` on the GPU. Uses ${PYTHON:-python3} (torch/triton/transformers installed
 # system-wide); installs nothing, needs no network. Exit status 1 if any check fails.
 set -uo pipefail
@@ -17,7 +17,7 @@ done
 rc=$?
 if [[ $E2E == 1 ]]; then
   echo; echo "== end to end on CUDA: tests/test_gpu.py"
-  (cd "$REPO" && "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 \
+  (cd "$REPO" && "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_layer_split.py 2>&1 \
     | grep -E "rows:|plain forward|seeded request|tokens before|passed|failed|Error|error|FAILED|assert") || rc=1
   echo; echo "== hf-turbo bench --quick on CUDA (fixture model, bf16)"
   (cd "$REPO" && "$PY" -m hf_turbo.cli bench --quick --device cuda --dtype bfloat16) || rc=1

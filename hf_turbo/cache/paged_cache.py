@@ -9,7 +9,7 @@ attention then asks the backend to read each sequence's whole context through it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.cache_utils import Cache
@@ -42,6 +42,26 @@ class ForwardContext:
     # were written to, and only if it attends over exactly those tensors (see patches/attention.py)
     last_write: tuple | None = None
     seen_windows: dict | None = None  # the accelerate() probe's record: cache layer -> sliding_window attended with
+    per_device: dict | None = None  # a layer-split model's copies of this context on its other devices (``on``)
+
+    def on(self, device: torch.device) -> ForwardContext:
+        """This forward's context for layers on ``device`` (a model split over devices by ``device_map``): the
+        metadata copied there once per forward and prepared by a backend that runs there (the same backend on a
+        device of the same type, else the reference backend); ``self`` on the context's own device."""
+        if device == self.slot_mapping.device:
+            return self
+        if self.per_device is None:
+            self.per_device = {}
+        ctx = self.per_device.get(device)
+        if ctx is None:
+            backend = self.backend if device.type == self.slot_mapping.device.type else get_backend("reference",
+                                                                                                    device)
+            ctx = replace(self, slot_mapping=self.slot_mapping.to(device), cu_seqlens_q=self.cu_seqlens_q.to(device),
+                          context_lens=self.context_lens.to(device), block_tables=self.block_tables.to(device),
+                          backend=backend, meta=None, per_device=None)
+            backend.prepare(ctx)
+            self.per_device[device] = ctx
+        return ctx
 
 
 def kv_layout(config) -> tuple[int, int, int]:
@@ -60,14 +80,15 @@ class PagedKVCache(Cache):
     """K/V pools for every layer, addressed by block id; shared by all requests of an engine.
 
     Pools are allocated lazily on the first ``update()`` of each layer (from the key's own
-    head count and head dim), with ``num_blocks`` fixed up front.
+    head count and head dim, on the key's device), with ``num_blocks`` fixed up front; or up front from
+    ``kv_shape``, each layer on its entry of ``layer_devices`` (a model split over devices) or ``device``.
     """
 
     is_compileable = False
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, dtype: torch.dtype,
                  device: torch.device | str, kv_shape: tuple[int, int] | None = None,
-                 backend: Backend | None = None) -> None:
+                 backend: Backend | None = None, layer_devices: list[torch.device | None] | None = None) -> None:
         super().__init__(layers=[])
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -81,7 +102,7 @@ class PagedKVCache(Cache):
         self.backend_state = self.backend.new_cache_state(self)  # what the backend keeps beside the pools
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
             for i in range(num_layers):
-                self._allocate_layer(i, kv_shape)
+                self._allocate_layer(i, kv_shape, (layer_devices or [None] * num_layers)[i])
 
     @staticmethod
     def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
@@ -95,12 +116,13 @@ class PagedKVCache(Cache):
         return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
                 f"layers={self.num_layers}, dtype={self.dtype}, device={self.device})")
 
-    def _allocate_layer(self, layer_idx: int, kv_shape: tuple[int, int]) -> None:
+    def _allocate_layer(self, layer_idx: int, kv_shape: tuple[int, int], device: torch.device | None = None) -> None:
         # empty, not zeros: no slot is read before it is written (kernels and references read only
         # each sequence's own positions), and untouched pages cost nothing on the CPU
         shape = (self.num_blocks, self.block_size, *kv_shape)
-        self.key_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.value_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        device = self.device if device is None else device
+        self.key_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=device)
+        self.value_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=device)
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_pools[layer_idx], self.value_pools[layer_idx]
@@ -115,15 +137,18 @@ class PagedKVCache(Cache):
                              f"{tuple(value_states.shape[1::2])} of different (heads, dim): not the K/V the paged "
                              "pools hold (a compressed, MLA-style cache)")
         pool = self.key_pools[layer_idx]
-        if pool is None or pool.shape[2] != key_states.shape[1] or pool.shape[3] != key_states.shape[-1]:
-            # key_states: [B, H_kv, T, D]; a layer whose K/V differ from the config's layout
-            self._allocate_layer(layer_idx, (key_states.shape[1], key_states.shape[-1]))
+        if (pool is None or pool.shape[2] != key_states.shape[1] or pool.shape[3] != key_states.shape[-1]
+                or pool.device != key_states.device):
+            # key_states: [B, H_kv, T, D]; a layer whose K/V differ from the config's layout, or that runs on
+            # another device than the one its pools were made on (a split the engine could not read up front)
+            self._allocate_layer(layer_idx, (key_states.shape[1], key_states.shape[-1]), key_states.device)
         # [1, H_kv, T, D] -> [T, H_kv, D]
         k = key_states[0].transpose(0, 1)
         v = value_states[0].transpose(0, 1)
         if k.stride(-1) != 1 or v.stride(-1) != 1:  # e.g. K/V sliced out of a fused projection's last dim
             k, v = k.contiguous(), v.contiguous()
-        self.ctx.backend.write_kv(self.ctx, layer_idx, k, v)  # the runner's slots: int64, all valid
+        ctx = self.ctx.on(k.device)
+        ctx.backend.write_kv(ctx, layer_idx, k, v)  # the runner's slots: int64, all valid
         self.ctx.last_write = (layer_idx, key_states, value_states)
         return key_states, value_states
 
@@ -169,7 +194,7 @@ class PagedKVCache(Cache):
 
     def read_tokens(self, layer_idx: int, block_ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V of a sequence's first ``n`` positions in one layer: two ``[n, H_kv, D]`` copies."""
-        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.key_pools[layer_idx].device)
         out = []
         for pool in (self.key_pools[layer_idx], self.value_pools[layer_idx]):
             out.append(pool.index_select(0, blocks).flatten(0, 1)[:n].clone())  # [blocks*bs, H, D] -> [n, H, D]
@@ -179,12 +204,12 @@ class PagedKVCache(Cache):
         """Write ``[n, H_kv, D]`` K/V into a sequence's first ``n`` positions of one layer (an imported cache)."""
         if self.key_pools[layer_idx] is None or self.key_pools[layer_idx].shape[2:] != key.shape[1:]:
             self._allocate_layer(layer_idx, (key.shape[1], key.shape[2]))
-        n = key.shape[0]
-        pos = torch.arange(n, device=self.device)
-        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        n, device = key.shape[0], self.key_pools[layer_idx].device
+        pos = torch.arange(n, device=device)
+        blocks = torch.as_tensor(block_ids, dtype=torch.long, device=device)
         slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
         for pool, src in ((self.key_pools[layer_idx], key), (self.value_pools[layer_idx], value)):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src.to(device=self.device, dtype=self.dtype))
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src.to(device=device, dtype=self.dtype))
         self.backend.invalidate(self)
 
     def copy_block(self, src: int, dst: int) -> None:

@@ -24,7 +24,7 @@ from hf_turbo.engine.attach import attach
 from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
 from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout
 from hf_turbo.engine.follower import tensor_parallel
-from hf_turbo.engine.memory import model_max_len, num_kv_blocks
+from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks
 from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
@@ -83,7 +83,8 @@ class Engine:
         # the attention backend (hf_turbo.backends): TurboConfig.backend, HF_TURBO_BACKEND overriding it
         self.backend = get_backend(config.backend, self.device)
         self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
-                                  kv_shape=(kv_heads, head_dim), backend=self.backend)
+                                  kv_shape=(kv_heads, head_dim), backend=self.backend,
+                                  layer_devices=layer_devices(model))  # device_map: each layer's on its device
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)

@@ -1,4 +1,5 @@
-"""Sizing the KV pool on CUDA: what the device has left after the weights and a profiling forward.
+"""Sizing the KV pool on CUDA: what the device has left after the weights and a profiling forward; where a
+layer-split model's layers (and so their pools) live.
 
 ``CacheConfig.gpu_memory_fraction`` (``--gpu-memory-utilization``) is the share of the device's
 total memory this process may fill: the weights and everything else already resident, plus the
@@ -17,7 +18,8 @@ from hf_turbo.engine.distributed import kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cuda_kv_budget", "kv_budget_bytes", "model_max_len", "num_kv_blocks", "profile_forward_peak"]
+__all__ = ["cuda_kv_budget", "cuda_kv_budgets", "kv_budget_bytes", "layer_devices", "model_max_len", "num_kv_blocks",
+           "profile_forward_peak", "profile_forward_peaks", "split_kv_blocks"]
 
 _GIB = 1 << 30
 
@@ -45,35 +47,92 @@ def kv_budget_bytes(total: int, free: int, forward_peak: int, fraction: float) -
 
 
 @torch.inference_mode()
+def profile_forward_peaks(model, num_tokens: int, devices: list[torch.device]) -> dict[torch.device, int]:
+    """Peak bytes one plain forward of ``num_tokens`` tokens allocates beyond what is resident, per CUDA device."""
+    first = next(model.parameters()).device
+    if first.type != "cuda" or any(d.type != "cuda" for d in devices):
+        raise ValueError(f"the profiling forward runs on CUDA only; the model is on {first}")
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, num_tokens), device=first)
+    base = {}
+    for device in devices:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base[device] = torch.cuda.memory_allocated(device)
+    # logits of the last position only, as an engine step computes logits only for sampled rows
+    model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    peaks = {}
+    for device in devices:
+        torch.cuda.synchronize(device)
+        peaks[device] = max(0, torch.cuda.max_memory_allocated(device) - base[device])
+    del ids
+    torch.cuda.empty_cache()
+    return peaks
+
+
 def profile_forward_peak(model, num_tokens: int) -> int:
     """Peak bytes one plain forward of ``num_tokens`` tokens allocates beyond what is resident (CUDA only)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(f"the profiling forward runs on CUDA only; the model is on {device}")
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (1, num_tokens), device=device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    # logits of the last position only, as an engine step computes logits only for sampled rows
-    model(input_ids=ids, use_cache=False, logits_to_keep=1)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del ids
-    torch.cuda.empty_cache()
-    return max(0, peak)
+    return profile_forward_peaks(model, num_tokens, [device])[device]
+
+
+def cuda_kv_budgets(model, fraction: float, num_tokens: int, devices: list[torch.device]) -> dict[torch.device, int]:
+    """The KV budget of each CUDA device a model runs on: its memory reading after one profiling forward."""
+    peaks = profile_forward_peaks(model, num_tokens, devices)
+    budgets = {}
+    for device, peak in peaks.items():
+        free, total = torch.cuda.mem_get_info(device)
+        budgets[device] = kv_budget_bytes(total, free, peak, fraction)
+        logger.info("KV budget on %s %.2f GiB: %.0f%% of %.2f GiB minus %.2f GiB in use and a %.2f GiB forward "
+                    "peak (%d tokens)", device, budgets[device] / _GIB, 100 * fraction, total / _GIB,
+                    (total - free) / _GIB, peak / _GIB, num_tokens)
+    return budgets
 
 
 def cuda_kv_budget(model, fraction: float, num_tokens: int) -> int:
-    """The KV budget of a CUDA model: its device's memory reading after a profiling forward."""
+    """The KV budget of a CUDA model on one device: its memory reading after a profiling forward."""
     device = next(model.parameters()).device
-    peak = profile_forward_peak(model, num_tokens)
-    free, total = torch.cuda.mem_get_info(device)
-    budget = kv_budget_bytes(total, free, peak, fraction)
-    logger.info("KV budget %.2f GiB: %.0f%% of %.2f GiB minus %.2f GiB in use and a %.2f GiB forward peak "
-                "(%d tokens)", budget / _GIB, 100 * fraction, total / _GIB, (total - free) / _GIB, peak / _GIB,
-                num_tokens)
-    return budget
+    return cuda_kv_budgets(model, fraction, num_tokens, [device])[device]
+
+
+def layer_devices(model) -> list[torch.device | None] | None:
+    """Each cache layer's device for a model split over several devices (``device_map``), else None.
+
+    A layer's device is where its attention module runs: the execution device of an accelerate hook on it or
+    an ancestor, else its parameters' device. None for a layer whose device cannot be read (offloaded weights
+    on ``meta``): its pools are then made at the first forward, on its keys' device.
+    """
+    hf_map = getattr(model, "hf_device_map", None)
+    if not hf_map or len({str(d) for d in hf_map.values()}) < 2:
+        return None
+    num_layers = model.config.get_text_config().num_hidden_layers
+    found: list[torch.device | None] = [None] * num_layers
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int) or not 0 <= idx < num_layers or found[idx] is not None:
+            continue
+        device = None
+        parts = name.split(".")
+        for depth in range(len(parts), -1, -1):  # the module itself, then its ancestors
+            hook = getattr(model.get_submodule(".".join(parts[:depth])), "_hf_hook", None)
+            device = getattr(hook, "execution_device", None)
+            if device is not None:
+                break
+        if device is None:
+            param = next(module.parameters(), None)
+            device = None if param is None or param.device.type == "meta" else param.device
+        found[idx] = None if device is None else torch.device(device)
+    return found
+
+
+def split_kv_blocks(budgets: dict[torch.device, int], devices: list[torch.device | None], per_block: int) -> int:
+    """Blocks every device affords when each holds only its own layers' share of a block (``per_block`` bytes
+    for all layers); a layer of unknown device is counted on every device."""
+    unknown = sum(d is None for d in devices)
+    return max(1, min(budget // max(1, math.ceil(per_block * (devices.count(d) + unknown) / len(devices)))
+                      for d, budget in budgets.items()))
 
 
 def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) -> int:
@@ -88,13 +147,16 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
     dtype = next(model.parameters()).dtype
     per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        # a forward longer than the model's positions would fail (absolute position embeddings)
-        tokens = min(config.max_num_batched_tokens, config.max_model_len or model_max_len(model) or 1 << 30)
-        budget = cuda_kv_budget(model, cc.gpu_memory_fraction, tokens)
+    split = layer_devices(model)
+    cuda = sorted({d for d in split or () if d is not None and d.type == "cuda"}, key=str)
+    # a forward longer than the model's positions would fail (absolute position embeddings)
+    tokens = min(config.max_num_batched_tokens, config.max_model_len or model_max_len(model) or 1 << 30)
+    if split is not None and len(cuda) > 1:  # layers over several GPUs: each holds its layers' share of a block
+        blocks = split_kv_blocks(cuda_kv_budgets(model, cc.gpu_memory_fraction, tokens, cuda), split, per_block)
+    elif device.type == "cuda":
+        blocks = max(1, cuda_kv_budget(model, cc.gpu_memory_fraction, tokens) // per_block)
     else:
-        budget = cc.cpu_kv_bytes
-    blocks = max(1, budget // per_block)
+        blocks = max(1, cc.cpu_kv_bytes // per_block)
     # A small model on a big card would get millions of blocks (and a block pool that takes seconds to
     # build): cap at twice what every running sequence at full length needs; the rest only keeps more
     # prefix-cache entries alive.

@@ -160,9 +160,10 @@ class ModelRunner:
         ctx.cache.ctx = ctx
         try:
             with engine_forward(ctx):
-                return forward(ctx)
+                logits = forward(ctx)
         finally:
             ctx.cache.ctx = None
+        return logits.to(self.device)  # a layer-split model's head may sit on another device (a no-op otherwise)
 
     def _check_lean(self, seqs: list[Request]) -> None:
         """Compare the lean forward with the model's on a scratch cache; keep it only if bitwise equal.
