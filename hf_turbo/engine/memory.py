@@ -86,7 +86,7 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
     if cc.num_blocks is not None:
         return cc.num_blocks
     dtype = next(model.parameters()).dtype
-    per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
+    per_block = kv_bytes_per_block(model, cc.block_size, dtype, cc.kv_dtype) + extra_bytes_per_block  # this rank's
     device = next(model.parameters()).device
     if device.type == "cuda":
         # a forward longer than the model's positions would fail (absolute position embeddings)
