@@ -5,7 +5,7 @@
 
 * ``capacity``: engines built at one ``cpu_kv_bytes`` budget for a float32 model (float32 and 8-bit caches) and a
   bfloat16 model (bf16 and 8-bit caches): KV blocks, the sequences of ``--seq-len`` tokens they hold, and the
-  peak number of sequences an engine really ran at once on ``2 x`` that many requests.
+  peak number of sequences an engine really ran at once on ``2 x`` that many requests (admitted in one step).
 * ``decode``: decode tokens per second of one batch, the float32 cache (CPU backend and reference backend)
   against the 8-bit caches (reference backend), alternated in one process, best of ``--repeats``.
 * ``scales``: teacher-forced per-token log-likelihoods on the trained fixture with each 8-bit scheme, scales per
@@ -42,22 +42,24 @@ def _engine(model, kv_dtype: str, budget: int | None = None, backend: str = "aut
 def capacity(args) -> None:
     print(f"\n## capacity: {args.shape} ({args.layers} layers), KV budget {args.budget_mib} MiB, "
           f"sequences of {args.seq_len} tokens (block size 16)")
-    print("| model dtype | KV cache | KV blocks | sequences that fit | x float cache | peak running (measured) |")
-    print("|---|---|---|---|---|---|")
+    print("| model dtype | KV cache | KV blocks | x float blocks | sequences that fit | x float | peak running "
+          "(measured) |")
+    print("|---|---|---|---|---|---|---|")
     budget = args.budget_mib << 20
     per_seq = math.ceil(args.seq_len / 16)
     for mdtype in (torch.float32, torch.bfloat16):
         model, _ = build_shape(args.shape, mdtype, torch.device("cpu"), args.layers)
-        base = None
+        base = base_blocks = None
         for kv in ("auto", *KV8):
-            eng = _engine(model, kv, budget, max_num_seqs=1024)
+            # a step budget that admits every request at once: the pool, not the prefill rate, limits the batch
+            eng = _engine(model, kv, budget, max_num_seqs=1024, max_num_batched_tokens=1 << 17)
             blocks = eng.pool.num_blocks
             fit = blocks // per_seq
-            base = base or fit
+            base, base_blocks = base or fit, base_blocks or blocks
             peak = _peak_running(eng, 2 * fit, args.seq_len, model.config.vocab_size) if args.run else "-"
             name = str(mdtype).replace("torch.", "") if kv == "auto" else kv
-            print(f"| {str(mdtype).replace('torch.', '')} | {name} | {blocks} | {fit} | {fit / base:.2f} | {peak} |",
-                  flush=True)
+            print(f"| {str(mdtype).replace('torch.', '')} | {name} | {blocks} | {blocks / base_blocks:.2f} | {fit} | "
+                  f"{fit / base:.2f} | {peak} |", flush=True)
             hf_turbo.restore(model)
 
 

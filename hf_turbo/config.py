@@ -41,11 +41,6 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     kv_dtype: str = "auto"
 
-    @property
-    def quantized(self) -> bool:
-        """Whether K/V are stored in 8 bits."""
-        return self.kv_dtype != "auto"
-
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"CacheConfig.block_size must be a power of two >= 1, got {self.block_size!r}")

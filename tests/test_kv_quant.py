@@ -82,6 +82,16 @@ def test_blocks_per_byte_budget(head_dim):
     assert blocks[torch.bfloat16, "int8"] / blocks[torch.bfloat16, "auto"] > 1.85
 
 
+def test_fp8_on_the_triton_kernels_needs_compute_capability_8_9(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_dtype 'fp8_e4m3'.*8\.9.*8\.0"):
+        resolve_backend("triton", "cuda", "fp8_e4m3")
+    assert resolve_backend("triton", "cuda", "int8") == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_backend("triton", "cuda", "fp8_e5m2") == "triton"
+
+
 def test_the_cpu_backend_gives_way_to_the_reference_for_an_8bit_cache(caplog):
     with caplog.at_level(logging.INFO, logger="hf_turbo.backends"):
         assert resolve_backend("auto", "cpu", "int8") == "reference"

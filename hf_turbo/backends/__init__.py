@@ -33,7 +33,7 @@ from hf_turbo.backends.kernels import flash_attention_varlen, paged_attention, s
 from hf_turbo.backends.reference import ReferenceBackend
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "STOCK_OPS", "Backend", "FusedOps", "ReferenceBackend", "flash_attention_varlen",
-           "get_backend", "paged_attention", "resolve_backend", "store_kv", "use_triton"]
+           "get_backend", "kv_dtype_unsupported", "paged_attention", "resolve_backend", "store_kv", "use_triton"]
 
 BACKENDS = ("auto", "triton", "reference", "cpu")
 BACKEND_ENV = "HF_TURBO_BACKEND"
@@ -49,7 +49,22 @@ def resolve_backend(name: str, device: torch.device | str, kv_dtype: str = "auto
         logger.info("KV cache %s: the reference backend instead of the CPU backend (whose contiguous float rows "
                     "would keep a full-precision copy of the cache)", kv_dtype)
         return "reference"
+    why = kv_dtype_unsupported(kv_dtype, device) if resolved == "triton" else None
+    if why is not None:
+        raise ValueError(why)
     return resolved
+
+
+def kv_dtype_unsupported(kv_dtype: str, device: torch.device | str) -> str | None:
+    """Why an 8-bit ``kv_dtype`` cannot run on ``device``'s Triton kernels (None if it can): their fp8
+    conversions need compute capability 8.9 (Ada, Hopper and later)."""
+    device = torch.device(device)
+    if kv_dtype.startswith("fp8") and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return (f"CacheConfig.kv_dtype {kv_dtype!r} needs a GPU of compute capability >= 8.9 (the Triton "
+                    f"kernels' fp8 conversions); this one is {cap[0]}.{cap[1]}: use 'int8'")
+    return None
 
 
 def _resolve(name: str, device: torch.device | str) -> str:

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from hf_turbo.backends import kv_dtype_unsupported
 from hf_turbo.backends.kv_quant import KV_QUANT
 from hf_turbo.eval import contract
 from hf_turbo.eval.axes import AXES, EvalTarget
@@ -25,10 +26,7 @@ __all__ = ["kv_dtypes_for", "kv_quant_rows"]
 def kv_dtypes_for(device: torch.device) -> list[str]:
     """The 8-bit kv_dtypes that run on ``device``: all on the CPU (the reference backend's torch casts); on CUDA
     int8 everywhere and fp8 from compute capability 8.9 (the Triton kernels' fp8 conversions)."""
-    if device.type != "cuda":
-        return list(KV_QUANT)
-    fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
-    return [kv for kv in KV_QUANT if kv == "int8" or fp8]
+    return [kv for kv in KV_QUANT if kv_dtype_unsupported(kv, device) is None]
 
 
 def kv_quant_rows(target: EvalTarget, greedy: list, base_outputs: list[list[int]] | None,

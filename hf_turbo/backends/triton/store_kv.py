@@ -47,32 +47,32 @@ def _store_kv_kernel(
     if QUANT:
         # -- per (token, head): scale, then 8-bit values (masked lanes are 0: they do not move amax)
         sc = blk * stride_sb + off * stride_ss + offs_h
-        k_s, k_q = _quantize_rows(k, QUANT, QMAX, KCache_ptr.dtype.element_ty)
-        v_s, v_q = _quantize_rows(v, QUANT, QMAX, VCache_ptr.dtype.element_ty)
+        k_s, k_y = _quantize_rows(k, QUANT, QMAX)
+        v_s, v_y = _quantize_rows(v, QUANT, QMAX)
         tl.store(KScale_ptr + sc, k_s, mask=offs_h < NUM_HEADS)
         tl.store(VScale_ptr + sc, v_s, mask=offs_h < NUM_HEADS)
-        tl.store(kc, k_q, mask=mask)
-        tl.store(vc, v_q, mask=mask)
+        if QUANT == 1:  # integral already: the int8 cast is exact
+            tl.store(kc, k_y.to(KCache_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc, v_y.to(VCache_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(kc, k_y.to(KCache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+            tl.store(vc, v_y.to(VCache_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     else:
         tl.store(kc, k, mask=mask)
         tl.store(vc, v, mask=mask)
 
 
 @triton.jit
-def _quantize_rows(x, QUANT: tl.constexpr, QMAX: tl.constexpr, OUT_TY: tl.constexpr):
-    """x [BLOCK_H, BLOCK_D] -> (scale [BLOCK_H] fp32, values in OUT_TY); IEEE divisions as in torch."""
+def _quantize_rows(x, QUANT: tl.constexpr, QMAX: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] -> (scale [BLOCK_H], x / scale in [-QMAX, QMAX], int8: rounded), fp32; IEEE divisions
+    as in torch."""
     xf = x.to(tl.float32)
     amax = tl.max(tl.abs(xf), 1)
     s = tl.math.div_rn(tl.where(amax > 0, amax, QMAX), tl.full(amax.shape, QMAX, tl.float32))
     y = tl.math.div_rn(xf, s[:, None])
     if QUANT == 1:
         y = (y + 12582912.0) - 12582912.0  # round half to even (|y| <= 2^22)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        q = y.to(OUT_TY)
-    else:
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        q = y.to(OUT_TY, fp_downcast_rounding="rtne")
-    return s, q
+    return s, tl.minimum(tl.maximum(y, -QMAX), QMAX)
 
 
 def store_kv_triton(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
