@@ -43,7 +43,9 @@ def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, 
     After it, ``model.generate(...)`` returns the same tokens as stock generate (greedy, fp32)
     from a paged-KV continuous-batching engine. Calling it twice is a no-op. Keyword
     ``overrides`` replace :class:`TurboConfig` fields (``max_num_batched_tokens=...``,
-    ``num_blocks=...``, ``block_size=...``).
+    ``num_blocks=...``, ``block_size=...``). ``kv_dtype="int8"`` (or ``"fp8_e4m3"``, ``"fp8_e5m2"``)
+    opts into an 8-bit KV cache, which is outside that promise: its tokens may differ from stock's
+    (``CacheConfig``; ``hf-turbo eval --axes kv_quant`` measures by how much).
 
     ``probe`` (default True): before anything is patched, run the model stock and as the engine
     runs it on two short prompts and one decode step (:mod:`hf_turbo.engine.probe`; about the

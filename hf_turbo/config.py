@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheConfig", "SpeculativeConfig", "TurboConfig"]
+__all__ = ["KV_DTYPES", "CacheConfig", "SpeculativeConfig", "TurboConfig"]
 
 _BACKENDS = ("auto", "triton", "reference", "cpu")
 _SPEC_METHODS = ("draft", "ngram")
+KV_DTYPES = ("auto", "int8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,14 @@ class CacheConfig:
     ``max_num_seqs`` sequences of the model's maximum length need. On the CPU the running sequences
     also keep a contiguous copy of their K/V (the CPU backend, ``backends/cpu/rows.py``): up to as much memory again
     as their blocks hold, allocated as they grow and freed when they finish.
+
+    ``kv_dtype``: ``"auto"`` (default) stores K/V in the model's dtype; ``"int8"``, ``"fp8_e4m3"`` and
+    ``"fp8_e5m2"`` store 8-bit values with a float32 scale per (token, KV head) (``backends/kv_quant.py``):
+    about 2x the blocks of bf16 and 4x of float32 for the same bytes. An 8-bit cache is an explicit
+    opt-in that changes the numbers attention sees, so its output is not stock ``generate()``'s token for
+    token (``hf-turbo eval`` reports how far it moves); it is exact with respect to itself (prefix caching,
+    chunking, preemption and speculation do not change its tokens). On the CPU it runs on the reference
+    backend.
     """
 
     block_size: int = 16
@@ -30,6 +39,7 @@ class CacheConfig:
     gpu_memory_fraction: float = 0.85
     cpu_kv_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -40,6 +50,8 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
         if not isinstance(self.cpu_kv_bytes, int) or self.cpu_kv_bytes < 1:
             raise ValueError(f"CacheConfig.cpu_kv_bytes must be a positive integer, got {self.cpu_kv_bytes!r}")
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"CacheConfig.kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
 
 
 @dataclass(frozen=True)

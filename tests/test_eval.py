@@ -324,3 +324,19 @@ def test_quick_eval_cli_passes(tmp_path, capsys):
     assert code == 0, out
     for model in ("fixture", "gpt2", "gemma2", "qwen3"):
         assert f"\n{model} " in out
+
+
+def test_kv_quant_rows_are_informational_and_measure_the_8bit_cache(cache):
+    opts = EvalOptions(archs=("llama",), axes=("engine", "kv_quant"), dtypes=("float32",), cache_dir=cache,
+                       num_prompts=3, max_new_tokens=6, progress=False)
+    results = run_eval(opts)
+    assert results["passed"]
+    rows = _rows(results, axis="kv_quant")
+    assert [r["mode"] for r in rows] == ["int8", "fp8_e4m3", "fp8_e5m2"]
+    for r in rows:
+        assert r["status"] == "INFO" and r["error"] is None and r["num_sequences"] == 3
+        assert 0.0 <= r["exact_match"] <= 1.0 and 0.0 <= r["token_match"] <= 1.0
+        s = r["stats"]
+        assert s["num_tokens"] > 0 and 0.0 < s["mean_abs_dlogp"] <= s["max_abs_dlogp"]
+    # fewer bits, larger deltas: e5m2 (2 mantissa bits) moves the log-likelihoods more than int8
+    assert rows[2]["stats"]["mean_abs_dlogp"] > rows[0]["stats"]["mean_abs_dlogp"]

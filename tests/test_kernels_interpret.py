@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from hf_turbo.backends import flash_attention_varlen, paged_attention, store_kv  # noqa: E402
+from hf_turbo.backends.kv_quant import dequantize_kv, quantize_kv  # noqa: E402
 from hf_turbo.backends.torch_kernels import (  # noqa: E402
     flash_attention_varlen_ref,
     paged_attention_ref,
@@ -209,6 +210,68 @@ def test_paged_attention_batch_invariance(dtype):
             bt[s : s + 1, : -(-ctx_lens[s] // 16)], **kw,
         )
         assert torch.equal(alone, full[q0:q1]), f"sequence {s} differs alone vs in batch"
+
+
+# ---------------------------------------------------------------------------------------------- 8-bit KV cache
+
+
+def quantized(kc, vc, kv_dtype):
+    """8-bit pools and scales of make_paged's float pools; slots that hold no token get NaN scales (poison)."""
+    out = []
+    for c in (kc, vc):
+        values, scales = quantize_kv(c.float().nan_to_num(0.0), kv_dtype)
+        scales[c.isnan().any(-1)] = float("nan")
+        out += [values, scales]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_int8_writes_the_reference_bits(dtype):
+    g = torch.Generator().manual_seed(2)
+    key = (torch.randn(7, 2, 64, generator=g) * torch.logspace(-3, 3, 7)[:, None, None]).to(dtype)
+    value = torch.randn(7, 2, 64, generator=g).to(dtype)
+    key[3] = 0.0  # an all-zero row: scale 1/127, values 0
+    slots = torch.tensor([5, -1, 17, 95, 16, -1, 40])
+    pools = []
+    for backend in ("reference", "triton"):
+        kc, vc = torch.full((6, 16, 2, 64), 99, dtype=torch.int8), torch.full((6, 16, 2, 64), 99, dtype=torch.int8)
+        ks, vs = torch.full((6, 16, 2), float("nan")), torch.full((6, 16, 2), float("nan"))
+        store_kv(key, value, kc, vc, slots, backend=backend, k_scale=ks, v_scale=vs)
+        pools.append((kc, vc, ks, vs))
+    for ref, tri in zip(*pools):
+        assert torch.equal(ref.view(torch.uint8) if ref.dtype == torch.int8 else ref.nan_to_num(-1.0),
+                           tri.view(torch.uint8) if tri.dtype == torch.int8 else tri.nan_to_num(-1.0))
+    assert torch.equal(pools[1][2].view(-1, 2)[17], quantize_kv(key[2].float(), "int8")[1])
+
+
+QUANT_CASES = [
+    # q_lens, ctx_lens, h_q, h_kv, block_size, dtype, window, softcap, kv_dtype
+    ([1, 5, 37, 1], [1, 40, 90, 77], 4, 2, 16, torch.float32, None, None, "int8"),
+    ([37, 1, 5], [45, 90, 60], 8, 2, 32, torch.float32, 20, 10.0, "int8"),
+    ([5, 37, 1], [40, 37, 100], 8, 2, 16, torch.bfloat16, 30, None, "int8"),
+    ([1, 5, 37], [33, 70, 50], 4, 2, 16, torch.float32, None, None, "fp8_e4m3"),
+    ([1] * 4, [1, 33, 150, 64], 4, 1, 16, torch.float32, None, None, "fp8_e5m2"),
+]
+
+
+@pytest.mark.parametrize("case", QUANT_CASES, ids=lambda c: f"{c[8]}-{c[5]}-w{c[6]}-cap{c[7]}")
+def test_paged_attention_8bit(case):
+    """Dequantized inside the kernel: the kernel over the dequantized float pools (bitwise in float32; in bf16 the
+    interpreter's fp32 -> bf16 cast truncates where torch rounds, 2050 of 4096 values differ, so there within the
+    bf16 tolerance: tests/test_gpu.py checks it bitwise), and the reference's 8-bit path within the tolerance."""
+    q_lens, ctx_lens, h_q, h_kv, bs, dtype, window, softcap, kv_dtype = case
+    q, kc, vc, cu, ctx, bt = make_paged(q_lens, ctx_lens, h_q=h_q, h_kv=h_kv, block_size=bs, dtype=dtype)
+    k8, ks, v8, vs = quantized(kc, vc, kv_dtype)
+    kw = dict(scale=0.125, sliding_window=window, softcap=softcap)
+    out = paged_attention_triton(q, k8, v8, cu, ctx, bt, out=poisoned(q), k_scale=ks, v_scale=vs, **kw, **SMALL)
+    kd, vd = dequantize_kv(k8, ks, dtype), dequantize_kv(v8, vs, dtype)
+    over_float = paged_attention_triton(q, kd, vd, cu, ctx, bt, **kw, **SMALL)
+    if dtype == torch.float32:
+        assert torch.equal(out, over_float)
+    else:
+        assert_rel_close(out, over_float.double(), TOL[dtype])
+    ref = paged_attention(q, k8, v8, cu, ctx, bt, k_scale=ks, v_scale=vs, backend="reference", **kw)
+    assert_rel_close(out, ref.double(), 2 * TOL[dtype])  # both round in dtype: twice the float64 bound
 
 
 # ---------------------------------------------------------------------------------------------- varlen

@@ -11,6 +11,10 @@
 ``HF_TURBO_BACKEND`` overrides that field for a whole process (e.g. ``HF_TURBO_BACKEND=reference`` to
 debug a kernel). A CUDA engine never imports ``backends/cpu``.
 
+An 8-bit KV cache (``CacheConfig.kv_dtype``, ``kv_quant.py``) runs on ``triton`` and ``reference``; the
+``cpu`` backend keeps float copies of every running sequence's K/V, which would undo the saving, so where
+it would be picked :func:`resolve_backend` picks ``reference`` instead and says so in one log line.
+
 Adding one: subclass :class:`~hf_turbo.backends.base.Backend` (``prepare`` / ``write_kv`` / ``attend`` /
 ``release`` and optionally ``fused_ops``), add a branch to :func:`get_backend` and a name to ``BACKENDS``,
 then run the suite with ``HF_TURBO_BACKEND=<name>``.
@@ -19,6 +23,7 @@ then run the suite with ``HF_TURBO_BACKEND=<name>``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 
 import torch
@@ -28,15 +33,41 @@ from hf_turbo.backends.kernels import flash_attention_varlen, paged_attention, s
 from hf_turbo.backends.reference import ReferenceBackend
 
 __all__ = ["BACKENDS", "BACKEND_ENV", "STOCK_OPS", "Backend", "FusedOps", "ReferenceBackend", "flash_attention_varlen",
-           "get_backend", "paged_attention", "resolve_backend", "store_kv", "use_triton"]
+           "get_backend", "kv_dtype_unsupported", "paged_attention", "resolve_backend", "store_kv", "use_triton"]
 
 BACKENDS = ("auto", "triton", "reference", "cpu")
 BACKEND_ENV = "HF_TURBO_BACKEND"
 
+logger = logging.getLogger(__name__)
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
-    """The backend ``name`` ("auto" or one of ``BACKENDS``; ``HF_TURBO_BACKEND`` wins when set) means on ``device``."""
-    name = os.environ.get(BACKEND_ENV) or name
+
+def resolve_backend(name: str, device: torch.device | str, kv_dtype: str = "auto") -> str:
+    """The backend ``name`` ("auto" or one of ``BACKENDS``; ``HF_TURBO_BACKEND`` wins when set) means on ``device``
+    for a KV cache of ``kv_dtype`` (an 8-bit one never gets ``cpu``: see the module docstring)."""
+    resolved = _resolve(os.environ.get(BACKEND_ENV) or name, device)
+    if resolved == "cpu" and kv_dtype != "auto":
+        logger.info("KV cache %s: the reference backend instead of the CPU backend (whose contiguous float rows "
+                    "would keep a full-precision copy of the cache)", kv_dtype)
+        return "reference"
+    why = kv_dtype_unsupported(kv_dtype, device) if resolved == "triton" else None
+    if why is not None:
+        raise ValueError(why)
+    return resolved
+
+
+def kv_dtype_unsupported(kv_dtype: str, device: torch.device | str) -> str | None:
+    """Why an 8-bit ``kv_dtype`` cannot run on ``device``'s Triton kernels (None if it can): their fp8
+    conversions need compute capability 8.9 (Ada, Hopper and later)."""
+    device = torch.device(device)
+    if kv_dtype.startswith("fp8") and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return (f"CacheConfig.kv_dtype {kv_dtype!r} needs a GPU of compute capability >= 8.9 (the Triton "
+                    f"kernels' fp8 conversions); this one is {cap[0]}.{cap[1]}: use 'int8'")
+    return None
+
+
+def _resolve(name: str, device: torch.device | str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}"
                          + (f" (from {BACKEND_ENV})" if os.environ.get(BACKEND_ENV) else ""))
@@ -60,9 +91,9 @@ def _cpu_backend_present() -> bool:
     return True
 
 
-def get_backend(name: str, device: torch.device | str) -> Backend:
-    """A new backend instance for ``name`` on ``device`` (see :func:`resolve_backend`)."""
-    resolved = resolve_backend(name, device)
+def get_backend(name: str, device: torch.device | str, kv_dtype: str = "auto") -> Backend:
+    """A new backend instance for ``name`` on ``device`` and a KV cache of ``kv_dtype`` (see :func:`resolve_backend`)."""
+    resolved = resolve_backend(name, device, kv_dtype)
     if resolved == "triton":
         from hf_turbo.backends.triton import TritonBackend
 

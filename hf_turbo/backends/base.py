@@ -59,7 +59,10 @@ class Backend:
     """An attention backend: K/V writes into the paged pools and attention over them, plus fused ops.
 
     Shapes: T new tokens, S sequences; ``key``/``value`` [T, H_kv, D], ``q`` [T, H_q, D]; pools
-    [num_blocks, block_size, H_kv, D] (``ctx.cache.layer_pools(layer)``). A forward whose context carries no
+    [num_blocks, block_size, H_kv, D] (``ctx.cache.layer_pools(layer)``; an 8-bit cache, ``ctx.cache.quantized``,
+    holds int8/fp8 values there and float32 scales [num_blocks, block_size, H_kv] in
+    ``ctx.cache.layer_scales(layer)``: quantize in ``write_kv``, dequantize in ``attend``, see ``kv_quant.py``).
+    A forward whose context carries no
     sequences (``ctx.seqs is None``: a check on a scratch cache) must work from the block tables alone.
     """
 

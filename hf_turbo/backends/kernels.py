@@ -7,6 +7,9 @@ Layout (per layer):
     cu_seqlens_q       int32 [num_seqs + 1], prefix sums of q_len (every q_len >= 1)
     context_lens       int32 [num_seqs], tokens of each sequence including the new ones (already stored)
 
+An 8-bit cache (``kv_quant.py``): k_cache/v_cache int8 or fp8 with ``k_scale``/``v_scale`` float32
+[num_blocks, block_size, H_kv]; ``store_kv`` quantizes per (token, head), ``paged_attention`` dequantizes.
+
 Query j of sequence s sits at p = context_lens[s] - q_len + j and attends keys k <= p (and
 k > p - W with ``sliding_window=W``). Scores are ``scale * q.k``, then ``c * tanh(s / c)`` with
 ``softcap=c``. Query head h reads KV head h // (H_q // H_kv).
@@ -36,6 +39,7 @@ import importlib.util
 from torch import Tensor
 
 from hf_turbo.backends import validate as _validate
+from hf_turbo.backends.kv_quant import compact_tables, dequantize_blocks, store_kv_quant
 from hf_turbo.backends.torch_kernels import flash_attention_varlen_ref, paged_attention_ref, store_kv_ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -57,16 +61,23 @@ def use_triton(backend: str, t: Tensor) -> bool:
 
 
 def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, *,
-             backend: str = "auto", validate: bool = True) -> None:
+             backend: str = "auto", validate: bool = True, k_scale: Tensor | None = None,
+             v_scale: Tensor | None = None) -> None:
     """Write key/value [T, H_kv, D] into the caches at slot_mapping [T] (int32/int64; -1 = skip), in place.
 
     ``validate=False``: the caller guarantees the shapes and dtypes, an int64 slot_mapping and no -1 slot
-    (on the CPU: two ``index_copy_`` calls and nothing else).
+    (on the CPU: two ``index_copy_`` calls and nothing else). With ``k_scale``/``v_scale`` the caches are
+    8-bit and the values are quantized on the way.
     """
     if use_triton(backend, key):
         from hf_turbo.backends.triton.store_kv import store_kv_triton
 
-        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
+    if k_scale is not None or (validate and _validate.check_kv_scales(k_cache, v_cache, k_scale, v_scale)):
+        if validate:
+            _validate.check_store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        store_kv_quant(key, value, k_cache, v_cache, k_scale, v_scale, slot_mapping)
         return
     if not validate:
         h, d = k_cache.shape[2], k_cache.shape[3]
@@ -93,6 +104,8 @@ def paged_attention(
     backend: str = "auto",
     validate: bool = True,
     max_context_len: int | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of packed new tokens over the paged KV cache -> [T, H_q, D] in q's dtype.
 
@@ -101,6 +114,7 @@ def paged_attention(
     accepted for API compatibility and unused (no kernel needs it: programs find their sequence by
     binary search over cu_seqlens_q). ``max_context_len``, an optional upper bound on
     max(context_lens), only sizes the Triton decode scratch (default block_tables.shape[1] * block_size).
+    An 8-bit cache comes with ``k_scale``/``v_scale``: the reference dequantizes the blocks it reads first.
     """
     del max_seqlen_q
     if use_triton(backend, q):
@@ -109,15 +123,20 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
             sliding_window=sliding_window, softcap=softcap, out=out, validate=validate,
-            max_context_len=max_context_len,
+            max_context_len=max_context_len, k_scale=k_scale, v_scale=v_scale,
         )
     if validate:
         _validate.check_paged_attention(
-            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out
+            q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out,
+            k_scale, v_scale,
         )
         _validate.check_paged_values(
             cu_seqlens_q, context_lens, block_tables, q.shape[0], k_cache.shape[1], k_cache.shape[0]
         )
+    if k_scale is not None:
+        used, block_tables = compact_tables(block_tables, context_lens, k_cache.shape[1])
+        k_cache = dequantize_blocks(k_cache, k_scale, used, q.dtype)
+        v_cache = dequantize_blocks(v_cache, v_scale, used, q.dtype)
     return paged_attention_ref(
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale=scale,
         sliding_window=sliding_window, softcap=softcap, out=out,

@@ -13,6 +13,7 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+KV8_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)  # an 8-bit cache's values (kv_quant.py)
 TRITON_MAX_HEAD_DIM = 256
 TRITON_MIN_HEAD_DIM = 16
 
@@ -28,13 +29,13 @@ def _check_index(name: str, t: Tensor, ndim: int) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {_shape(t)}")
 
 
-def _check_heads(q: Tensor, k_name: str, k: Tensor) -> None:
+def _check_heads(q: Tensor, k_name: str, k: Tensor, same_dtype: bool = True) -> None:
     """q: [T, H_q, D], k: [..., H_kv, D]."""
     if q.dim() != 3:
         raise ValueError(f"q must be [T, H_q, D], got shape {_shape(q)}")
     if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be a float tensor, got {q.dtype}")
-    if k.dtype != q.dtype:
+    if same_dtype and k.dtype != q.dtype:
         raise ValueError(f"q and {k_name} must have the same dtype, got q {q.dtype} and {k_name} {k.dtype}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(
@@ -67,7 +68,29 @@ def _check_options(sliding_window: int | None, softcap: float | None) -> None:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
 
 
-def check_store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+def check_kv_scales(k_cache: Tensor, v_cache: Tensor, k_scale: Tensor | None, v_scale: Tensor | None) -> bool:
+    """Whether the caches are 8-bit; then both scales must be float32 [num_blocks, block_size, H_kv], contiguous."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale go together: pass both or neither")
+    if k_cache.dtype not in KV8_DTYPES:
+        if k_scale is not None:
+            raise ValueError(f"k_scale/v_scale belong to an 8-bit cache (int8, float8_e4m3fn, float8_e5m2); "
+                             f"k_cache is {k_cache.dtype}")
+        return False
+    if k_scale is None:
+        raise ValueError(f"an 8-bit k_cache ({k_cache.dtype}) needs k_scale and v_scale")
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.shape != k_cache.shape[:3] or s.dtype != torch.float32 or not s.is_contiguous() \
+                or s.device != k_cache.device:
+            raise ValueError(f"{name} must be a contiguous float32 tensor of shape {list(k_cache.shape[:3])} "
+                             f"on {k_cache.device}, got {s.dtype} {_shape(s)} on {s.device}")
+    return True
+
+
+def check_store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                   k_scale: Tensor | None = None, v_scale: Tensor | None = None) -> None:
     if key.dim() != 3 or value.shape != key.shape:
         raise ValueError(
             f"key and value must both be [T, H_kv, D], got key {_shape(key)} and value {_shape(value)}"
@@ -79,7 +102,10 @@ def check_store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
         )
     if key.shape[1:] != k_cache.shape[2:]:
         raise ValueError(f"key shape {_shape(key)} does not fit k_cache shape {_shape(k_cache)} in (H_kv, D)")
-    if not (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype):
+    if check_kv_scales(k_cache, v_cache, k_scale, v_scale):
+        if key.dtype != value.dtype or key.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"key and value must share a float dtype, got {key.dtype} and {value.dtype}")
+    elif not (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(
             f"key, value, k_cache, v_cache must share a dtype, got {key.dtype}, {value.dtype}, "
             f"{k_cache.dtype}, {v_cache.dtype}"
@@ -107,14 +133,17 @@ def check_paged_attention(
     sliding_window: int | None,
     softcap: float | None,
     out: Tensor | None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> None:
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             "k_cache and v_cache must both be [num_blocks, block_size, H_kv, D], "
             f"got k_cache {_shape(k_cache)} and v_cache {_shape(v_cache)}"
         )
-    _check_heads(q, "k_cache", k_cache)
-    if v_cache.dtype != q.dtype:
+    quantized = check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    _check_heads(q, "k_cache", k_cache, same_dtype=not quantized)
+    if not quantized and v_cache.dtype != q.dtype:
         raise ValueError(f"q and v_cache must have the same dtype, got q {q.dtype} and v_cache {v_cache.dtype}")
     _check_index("cu_seqlens_q", cu_seqlens_q, 1)
     _check_index("context_lens", context_lens, 1)

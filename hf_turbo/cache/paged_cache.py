@@ -5,6 +5,10 @@ forward writes, and which blocks each sequence reads, come from the :class:`Forw
 engine's runner sets before the forward. ``update()`` hands the new K/V to the engine's backend
 (``hf_turbo.backends``), which writes them into the pools, and returns them unchanged; the "hf_turbo"
 attention then asks the backend to read each sequence's whole context through its block table.
+
+With an 8-bit ``kv_dtype`` the pools hold int8 or fp8 values and two more pools per layer hold their float32
+scales, [num_blocks, block_size, H_kv] (``backends/kv_quant.py``); the backend quantizes where it writes
+and dequantizes inside attention, and ``read_tokens`` / ``write_tokens`` convert at the cache's edge.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from hf_turbo.backends import Backend, get_backend
+from hf_turbo.backends.kv_quant import (SCALE_DTYPE, dequantize_kv, kv_bytes_per_token_head, storage_dtype,
+                                       write_quantized)
 
 __all__ = ["ForwardContext", "PagedKVCache", "kv_layout"]
 
@@ -88,44 +94,59 @@ class PagedKVCache(Cache):
 
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, dtype: torch.dtype,
                  device: torch.device | str, kv_shape: tuple[int, int] | None = None,
-                 backend: Backend | None = None, layer_devices: list[torch.device | None] | None = None) -> None:
+                 backend: Backend | None = None, kv_dtype: str = "auto",
+                 layer_devices: list[torch.device | None] | None = None) -> None:
         super().__init__(layers=[])
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_layers = num_layers
-        self.dtype = dtype
+        self.dtype = dtype  # the model's: what K/V are written and read as
+        self.kv_dtype = kv_dtype
+        self.storage_dtype = storage_dtype(kv_dtype, dtype)  # what the pools hold
+        self.quantized = kv_dtype != "auto"
         self.device = torch.device(device)
         self.key_pools: list[torch.Tensor | None] = [None] * num_layers
         self.value_pools: list[torch.Tensor | None] = [None] * num_layers
+        # 8-bit caches only: per (block, slot, KV head) scales of the values in the pools
+        self.key_scales: list[torch.Tensor | None] = [None] * num_layers
+        self.value_scales: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
-        self.backend = backend if backend is not None else get_backend("auto", self.device)
+        self.backend = backend if backend is not None else get_backend("auto", self.device, kv_dtype)
         self.backend_state = self.backend.new_cache_state(self)  # what the backend keeps beside the pools
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
             for i in range(num_layers):
                 self._allocate_layer(i, kv_shape, (layer_devices or [None] * num_layers)[i])
 
     @staticmethod
-    def bytes_per_block(config, block_size: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(config, block_size: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        """Bytes of one block over every layer's K and V (with an 8-bit ``kv_dtype``: values and scales)."""
         layers, kv_heads, head_dim = kv_layout(config)
-        return 2 * layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * layers * block_size * kv_heads * kv_bytes_per_token_head(kv_dtype, head_dim, dtype)
 
     def __len__(self) -> int:
         return self.num_layers
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(num_blocks={self.num_blocks}, block_size={self.block_size}, "
-                f"layers={self.num_layers}, dtype={self.dtype}, device={self.device})")
+                f"layers={self.num_layers}, dtype={self.dtype}, kv_dtype={self.kv_dtype}, device={self.device})")
 
     def _allocate_layer(self, layer_idx: int, kv_shape: tuple[int, int], device: torch.device | None = None) -> None:
         # empty, not zeros: no slot is read before it is written (kernels and references read only
         # each sequence's own positions), and untouched pages cost nothing on the CPU
         shape = (self.num_blocks, self.block_size, *kv_shape)
         device = self.device if device is None else device
-        self.key_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=device)
-        self.value_pools[layer_idx] = torch.empty(shape, dtype=self.dtype, device=device)
+        self.key_pools[layer_idx] = torch.empty(shape, dtype=self.storage_dtype, device=device)
+        self.value_pools[layer_idx] = torch.empty(shape, dtype=self.storage_dtype, device=device)
+        if self.quantized:
+            self.key_scales[layer_idx] = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
+            self.value_scales[layer_idx] = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_pools[layer_idx], self.value_pools[layer_idx]
+
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The scales of ``layer_idx``'s pools ([num_blocks, block_size, H_kv] float32), (None, None) unquantized."""
+        return self.key_scales[layer_idx], self.value_scales[layer_idx]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the forward's new K/V ([1, H_kv, T, D]) into the pools at the context's slots."""
@@ -188,33 +209,42 @@ class PagedKVCache(Cache):
 
     def reset(self) -> None:
         self.forget_sequences()
-        for pool in self.key_pools + self.value_pools:
+        for pool in self.key_pools + self.value_pools + self.key_scales + self.value_scales:
             if pool is not None:
                 pool.zero_()
 
     def read_tokens(self, layer_idx: int, block_ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V of a sequence's first ``n`` positions in one layer: two ``[n, H_kv, D]`` copies."""
+        """The K/V of a sequence's first ``n`` positions in one layer: two ``[n, H_kv, D]`` copies (in the
+        model's dtype: an 8-bit cache's values dequantized, as attention reads them)."""
         blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.key_pools[layer_idx].device)
         out = []
-        for pool in (self.key_pools[layer_idx], self.value_pools[layer_idx]):
-            out.append(pool.index_select(0, blocks).flatten(0, 1)[:n].clone())  # [blocks*bs, H, D] -> [n, H, D]
+        for pool, scales in zip(self.layer_pools(layer_idx), self.layer_scales(layer_idx)):
+            values = pool.index_select(0, blocks).flatten(0, 1)[:n]  # [blocks*bs, H, D] -> [n, H, D]
+            if scales is not None:
+                values = dequantize_kv(values, scales.index_select(0, blocks).flatten(0, 1)[:n], self.dtype)
+            out.append(values.clone())
         return out[0], out[1]
 
     def write_tokens(self, layer_idx: int, block_ids: list[int], key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write ``[n, H_kv, D]`` K/V into a sequence's first ``n`` positions of one layer (an imported cache)."""
+        """Write ``[n, H_kv, D]`` K/V into a sequence's first ``n`` positions of one layer (an imported cache;
+        quantized as the backend quantizes a forward's K/V in an 8-bit cache)."""
         if self.key_pools[layer_idx] is None or self.key_pools[layer_idx].shape[2:] != key.shape[1:]:
             self._allocate_layer(layer_idx, (key.shape[1], key.shape[2]))
         n, device = key.shape[0], self.key_pools[layer_idx].device
         pos = torch.arange(n, device=device)
         blocks = torch.as_tensor(block_ids, dtype=torch.long, device=device)
         slots = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-        for pool, src in ((self.key_pools[layer_idx], key), (self.value_pools[layer_idx], value)):
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src.to(device=device, dtype=self.dtype))
+        for pool, scales, src in zip(self.layer_pools(layer_idx), self.layer_scales(layer_idx), (key, value)):
+            src = src.to(device=device, dtype=self.dtype)
+            if scales is not None:
+                write_quantized(pool, scales, slots, src, self.kv_dtype)
+            else:
+                pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src)
         self.backend.invalidate(self)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (copy-on-write)."""
-        for pools in (self.key_pools, self.value_pools):
+        for pools in (self.key_pools, self.value_pools, self.key_scales, self.value_scales):
             for pool in pools:
                 if pool is not None:
                     pool[dst].copy_(pool[src])

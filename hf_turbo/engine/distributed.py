@@ -26,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from hf_turbo.backends.kv_quant import kv_bytes_per_token_head
 from hf_turbo.cache.paged_cache import kv_layout
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,11 @@ def local_kv_layout(model) -> tuple[int, int, int]:
     return layers, heads // size, head_dim
 
 
-def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block on this rank (every layer's K and V, the local KV heads only)."""
+def kv_bytes_per_block(model, block_size: int, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+    """Bytes of one KV block on this rank (every layer's K and V, the local KV heads only; with an 8-bit
+    ``kv_dtype`` one byte per value plus the scales)."""
     layers, heads, head_dim = local_kv_layout(model)
-    return 2 * layers * block_size * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * block_size * heads * kv_bytes_per_token_head(kv_dtype, head_dim, dtype)
 
 
 def agree_num_blocks(model, blocks: int) -> int:

@@ -81,9 +81,9 @@ class Engine:
         num_layers = model.config.get_text_config().num_hidden_layers
         _, kv_heads, head_dim = local_kv_layout(model)
         # the attention backend (hf_turbo.backends): TurboConfig.backend, HF_TURBO_BACKEND overriding it
-        self.backend = get_backend(config.backend, self.device)
+        self.backend = get_backend(config.backend, self.device, config.cache.kv_dtype)
         self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
-                                  kv_shape=(kv_heads, head_dim), backend=self.backend,
+                                  kv_shape=(kv_heads, head_dim), backend=self.backend, kv_dtype=config.cache.kv_dtype,
                                   layer_devices=layer_devices(model))  # device_map: each layer's on its device
         self.pool = BlockPool(nblocks, config.cache.block_size)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
@@ -102,8 +102,8 @@ class Engine:
         self.num_prompt_tokens = 0
         self.scheduler.on_copy = self.cache.copy_block  # copy-on-write of a shared prompt's last block
         self.tp = tensor_parallel(self)  # None, or this rank's part in a tensor-parallel group
-        logger.info("Engine: %d KV blocks of %d tokens (%s, %s, %s backend)", nblocks, config.cache.block_size,
-                    param.dtype, self.device, self.backend.name)
+        logger.info("Engine: %d KV blocks of %d tokens (%s, KV %s, %s, %s backend)", nblocks, config.cache.block_size,
+                    param.dtype, config.cache.kv_dtype, self.device, self.backend.name)
 
     # -- requests -------------------------------------------------------------------------------
     def _encode(self, prompt: PromptType) -> list[int]:

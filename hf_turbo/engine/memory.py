@@ -145,7 +145,7 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
     if cc.num_blocks is not None:
         return cc.num_blocks
     dtype = next(model.parameters()).dtype
-    per_block = kv_bytes_per_block(model, cc.block_size, dtype) + extra_bytes_per_block  # this rank's KV heads
+    per_block = kv_bytes_per_block(model, cc.block_size, dtype, cc.kv_dtype) + extra_bytes_per_block  # this rank's
     device = next(model.parameters()).device
     split = layer_devices(model)
     cuda = sorted({d for d in split or () if d is not None and d.type == "cuda"}, key=str)

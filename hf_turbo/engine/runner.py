@@ -187,7 +187,8 @@ class ModelRunner:
         width = max(len(t) for t in table)
         table = [t + [0] * (width - len(t)) for t in table]
         lens = [len(p) for p in parts]
-        scratch = PagedKVCache(next_block, bs, self.cache.num_layers, self.cache.dtype, dev, backend=self.backend)
+        scratch = PagedKVCache(next_block, bs, self.cache.num_layers, self.cache.dtype, dev, backend=self.backend,
+                               kv_dtype=self.cache.kv_dtype)
         input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
         position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
         keep = torch.arange(len(ids), device=dev)

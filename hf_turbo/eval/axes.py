@@ -5,7 +5,8 @@ name; it returns each prompt's new token ids, the engine's stats and whether the
 exercised what it is about (preemptions happened, prefix-cache hits happened, ...). It raises
 :class:`AxisSkipped` when it cannot run here. The ``--axes`` flags name groups of runs
 (:data:`AXIS_FLAGS`): ``prefix_cache`` runs ``prefix_cold`` and ``prefix_warm``, ``speculative``
-runs ``spec_draft`` and ``spec_ngram``; ``sampling`` and ``teacher_forced`` are modes, not runs.
+runs ``spec_draft`` and ``spec_ngram``; ``sampling``, ``teacher_forced`` and ``kv_quant`` (opt-in, informational:
+what an 8-bit KV cache costs) are modes, not runs.
 """
 
 from __future__ import annotations
@@ -275,6 +276,7 @@ AXIS_FLAGS: dict[str, tuple[str, ...]] = {
     "spec_ngram": ("spec_ngram",),
     "sampling": (),
     "teacher_forced": (),
+    "kv_quant": (),  # informational rows, not in ALL_FLAGS: hf_turbo/eval/kv_quant.py
 }
 ALL_FLAGS = ("generate", "engine", "async", "chunked", "preemption", "prefix_cache", "speculative", "sampling",
              "teacher_forced")

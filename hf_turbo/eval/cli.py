@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help=".jsonl ({\"prompt\": text} or {\"input_ids\": [...]} per line) or .txt (one a line)")
     parser.add_argument("--axes", default=",".join(ALL_FLAGS),
-                        help=f"comma list of {', '.join(AXIS_FLAGS)} (default: all)")
+                        help=f"comma list of {', '.join(AXIS_FLAGS)} (default: all but kv_quant, the opt-in, "
+                             "informational rows of what an 8-bit KV cache costs on the model)")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32, bfloat16, float16")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="new tokens per prompt (default 32)")
     parser.add_argument("--num-prompts", type=int, default=None,

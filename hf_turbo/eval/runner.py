@@ -24,6 +24,7 @@ from hf_turbo.config import TurboConfig
 from hf_turbo.eval import contract
 from hf_turbo.eval.axes import AXES, GREEDY_ONLY, AxisSkipped, EvalTarget, blocks_for, runs_for_flags, timed
 from hf_turbo.eval.contract import METRIC_PATH
+from hf_turbo.eval.kv_quant import kv_quant_rows
 from hf_turbo.eval.models import EvalModel, check_model_dir, load_eval_model
 from hf_turbo.eval.options import EvalOptions
 from hf_turbo.eval.prompts import build_prompt_dataset, encode_prompts, load_prompt_file
@@ -147,7 +148,7 @@ def _tasks_per_model(runs: list[str], opts: EvalOptions) -> int:
     """Progress-bar units per (model, dtype): stock, greedy runs, sampled runs (+ reference), teacher forcing."""
     sampled = [r for r in runs if r not in GREEDY_ONLY] if "sampling" in opts.axes else []
     ref = 1 if sampled and "engine" not in runs else 0
-    return 1 + len(runs) + len(sampled) + ref + ("teacher_forced" in opts.axes)
+    return 1 + len(runs) + len(sampled) + ref + ("teacher_forced" in opts.axes) + ("kv_quant" in opts.axes)
 
 
 def _validate(opts: EvalOptions) -> tuple[list[str], Any]:
@@ -278,6 +279,7 @@ def _eval_turbo(em: EvalModel, dtype: str, opts: EvalOptions, runs: list[str], t
     threshold = contract.near_tie_threshold(dtype)
     greedy = [SamplingParams(max_new_tokens=n_new)] * len(prompts)
     rows = []
+    base_outputs = None  # the engine axis's greedy tokens, for the quantized-KV rows
 
     def label(divs: list[dict]) -> list[dict]:
         return [dict(d, prompt_id=ids[d["row"]], prompt_kind=kinds[d["row"]]) for d in divs]
@@ -301,6 +303,8 @@ def _eval_turbo(em: EvalModel, dtype: str, opts: EvalOptions, runs: list[str], t
 
     for axis in runs:
         row, res = run_axis(axis, "greedy", greedy)
+        if res is not None and axis == "engine":
+            base_outputs = res.outputs
         if res is not None:
             m = metric.compute(predictions=res.outputs, references=stock, topk_ids=topk_ids, topk_gaps=topk_gaps,
                                near_tie_threshold=threshold)
@@ -328,9 +332,10 @@ def _eval_turbo(em: EvalModel, dtype: str, opts: EvalOptions, runs: list[str], t
                            status=verdict if dtype == "float32" else contract.INFO)
             rows.append(row)
 
+    seqs = [p + o for p, o in zip(prompts, stock)]
+    tf_turbo = None
     if tf_stock is not None:
         bar.set_postfix_str(f"{em.name} {dtype} teacher_forced")
-        seqs = [p + o for p, o in zip(prompts, stock)]
         try:
             tf_turbo = turbo_logprobs(model, tok, seqs, config)
             m = tf_metric.compute(predictions=tf_turbo, references=tf_stock)
@@ -345,6 +350,13 @@ def _eval_turbo(em: EvalModel, dtype: str, opts: EvalOptions, runs: list[str], t
             logger.debug("teacher forcing raised:\n%s", traceback.format_exc())
             rows.append(_row(em, dtype, "teacher_forced", "forward", status=contract.ERROR,
                              error=f"{type(exc).__name__}: {exc}"))
+        bar.update(1)
+    if "kv_quant" in opts.axes:
+        bar.set_postfix_str(f"{em.name} {dtype} kv_quant")
+        rows += kv_quant_rows(target, greedy, base_outputs,
+                              tf_turbo if tf_turbo is not None else turbo_logprobs(model, tok, seqs, config), seqs,
+                              lambda axis, mode, **f: _row(em, dtype, axis, mode, **f),
+                              lambda cfg: turbo_logprobs(model, tok, seqs, cfg))
         bar.update(1)
     return rows
 

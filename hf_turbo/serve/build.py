@@ -73,7 +73,8 @@ def build_app(args: argparse.Namespace):
     overrides = {k: v for k, v in (("max_num_batched_tokens", args.max_batch_tokens),
                                    ("max_num_seqs", args.max_num_seqs), ("max_waiting", args.max_waiting),
                                    ("num_blocks", args.num_blocks), ("max_model_len", args.max_model_len),
-                                   ("gpu_memory_fraction", args.gpu_memory_utilization)) if v is not None}
+                                   ("gpu_memory_fraction", args.gpu_memory_utilization),
+                                   ("kv_dtype", getattr(args, "kv_cache_dtype", None))) if v is not None}
     config = TurboConfig().replace(**overrides)
     model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device,
                                           trust_remote_code=args.trust_remote_code,

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 
+from hf_turbo.config import KV_DTYPES
 from hf_turbo.serve.build import _check, build_app, serve_app
 from hf_turbo.serve.tools import PARSERS
 
@@ -33,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=None,
                         help="waiting-queue bound; requests beyond it get HTTP 429")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized by memory)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_DTYPES),
+                        help="KV cache storage: auto (the model's dtype, default) or 8 bits with a scale per token "
+                             "and head (int8, fp8_e4m3, fp8_e5m2): about 2x the blocks of bf16 in the same memory; "
+                             "outputs then differ from the unquantized model's (hf-turbo eval reports by how much)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 above)")
     parser.add_argument("--header-timeout", type=float, default=10.0,
                         help="seconds a client may take to send a request's headers (default 10)")

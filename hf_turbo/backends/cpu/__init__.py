@@ -59,6 +59,9 @@ class CpuBackend(ReferenceBackend):
         self.linears: dict[nn.Module, packed.PackedLinear] = {}  # nn.Linear -> its PackedLinear
 
     def new_cache_state(self, cache) -> ContiguousKV:
+        if getattr(cache, "quantized", False):  # the selector never pairs them (hf_turbo.backends.resolve_backend)
+            raise ValueError(f"the CPU backend does not take an 8-bit KV cache (kv_dtype={cache.kv_dtype!r}); "
+                             "use the reference backend")
         return ContiguousKV(cache.num_layers, cache.block_size, cache.num_blocks)
 
     def prepare(self, ctx) -> None:

@@ -20,13 +20,14 @@ class TritonBackend(Backend):
 
     def write_kv(self, ctx, layer: int, key: Tensor, value: Tensor) -> None:
         k_pool, v_pool = ctx.cache.layer_pools(layer)
-        store_kv_triton(key, value, k_pool, v_pool, ctx.slot_mapping)
+        store_kv_triton(key, value, k_pool, v_pool, ctx.slot_mapping, *ctx.cache.layer_scales(layer))
 
     def attend(self, ctx, layer: int, q: Tensor, *, scale: float, sliding_window: int | None,
                softcap: float | None, sinks: Tensor | None = None) -> Tensor:
         if sinks is not None:
             raise ValueError("attention sinks (s_aux) are not implemented by hf_turbo's Triton paged attention")
         k_pool, v_pool = ctx.cache.layer_pools(layer)
+        k_scale, v_scale = ctx.cache.layer_scales(layer)  # an 8-bit cache's; None otherwise
         return paged_attention_triton(q, k_pool, v_pool, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables,
                                       scale=scale, sliding_window=sliding_window, softcap=softcap, validate=False,
-                                      max_context_len=ctx.max_context_len)
+                                      max_context_len=ctx.max_context_len, k_scale=k_scale, v_scale=v_scale)

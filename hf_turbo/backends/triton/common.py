@@ -41,18 +41,22 @@ def attn_inner(
     acc, l_i, m_i, q, q_pos,
     K_ptr, V_ptr, BT_row_ptr,
     stride_kb, stride_ks, stride_vb, stride_vs,
+    KS_ptr, VS_ptr, stride_sb, stride_ss,
     lo, hi, kv_end, scale, softcap, sliding_window,
     offs_n, offs_d, d_mask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
-    """Online softmax over key tiles [lo, hi). K_ptr/V_ptr already point at this KV head.
+    """Online softmax over key tiles [lo, hi). K_ptr/V_ptr (and KS_ptr/VS_ptr) already point at this KV head.
 
     Paged: key k sits in block BT_row[k // PAGE], slot k % PAGE. Contiguous: K_ptr + k * stride_kb.
     MASKED tiles apply the causal/window mask and k < kv_end; other tiles are fully visible.
     UPCAST_DOT (interpreter + bf16 only): Triton's interpreter multiplies bf16 bit patterns in tl.dot,
     so operands go through fp32 there; bf16 products are exact in fp32, so this only reorders sums.
+    KV_QUANT (paged only): K/V are 8-bit (int8 / fp8) with a float32 scale per (slot, head) at
+    KS_ptr/VS_ptr + blk * stride_sb + slot * stride_ss; each tile is dequantized right after its load as
+    ``(x.to(fp32) * s).to(q.dtype)``, the reference's ``kv_quant.dequantize_kv`` bit for bit.
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     for start_n in range(lo, hi, BLOCK_N):
@@ -66,6 +70,7 @@ def attn_inner(
             slot = (k_pos % PAGE).to(tl.int64)
             k_off = blk * stride_kb + slot * stride_ks
             v_off = blk * stride_vb + slot * stride_vs
+            s_off = blk * stride_sb + slot * stride_ss
         else:
             k_off = k_pos.to(tl.int64) * stride_kb
             v_off = k_pos.to(tl.int64) * stride_vb
@@ -76,6 +81,13 @@ def attn_inner(
             kt_mask = d_mask[:, None]
             v_mask = d_mask[None, :]
         kt = tl.load(K_ptr + k_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)  # [D, BLOCK_N]
+        if KV_QUANT:
+            # -- dequantize: one fp32 multiply by the (slot, head) scale, then the query's dtype
+            if MASKED:
+                ks = tl.load(KS_ptr + s_off, mask=k_in, other=0.0)
+            else:
+                ks = tl.load(KS_ptr + s_off)
+            kt = (kt.to(tl.float32) * ks[None, :]).to(q.dtype)
         if UPCAST_DOT:
             s = tl.dot(q.to(tl.float32), kt.to(tl.float32))
         else:
@@ -99,6 +111,12 @@ def attn_inner(
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_ptr + v_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, D]
+        if KV_QUANT:
+            if MASKED:
+                vs = tl.load(VS_ptr + s_off, mask=k_in, other=0.0)
+            else:
+                vs = tl.load(VS_ptr + s_off)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         acc = acc * alpha[:, None]
         if UPCAST_DOT:
             acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc)

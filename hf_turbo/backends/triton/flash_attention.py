@@ -85,19 +85,19 @@ def _flash_attn_varlen_fwd_kernel(
     K_seq = K_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     V_seq = V_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     acc, l_i, m_i = attn_inner(
-        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
+        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0, K_seq, V_seq, 0, 0,
         tile_lo, full_lo, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, False,
     )
     acc, l_i, m_i = attn_inner(
-        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
+        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0, K_seq, V_seq, 0, 0,
         full_lo, full_hi, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        1, BLOCK_N, False, False, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        1, BLOCK_N, False, False, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, False,
     )
     acc, l_i, m_i = attn_inner(
-        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0,
+        acc, l_i, m_i, q, q_pos, K_seq, V_seq, CuK_ptr, stride_kt, 0, stride_vt, 0, K_seq, V_seq, 0, 0,
         full_hi, kv_end, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        1, BLOCK_N, False, True, CAUSAL, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, False,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padding rows have l_i == 0
     tl.store(

@@ -39,16 +39,17 @@ DEFAULT_PARTITION_SIZE = 512
 
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
 def _paged_attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, Out_ptr, CuQ_ptr, Ctx_ptr, BT_ptr,
+    Q_ptr, K_ptr, V_ptr, KS_ptr, VS_ptr, Out_ptr, CuQ_ptr, Ctx_ptr, BT_ptr,
     num_seqs, scale, softcap, sliding_window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_sb, stride_ss, stride_sh,
     stride_ot, stride_oh, stride_bts,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, SKIP_DECODE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KV_QUANT: tl.constexpr,
 ):
     pid = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (last, causal) q blocks start first
     kv_head = tl.program_id(1)
@@ -98,20 +99,25 @@ def _paged_attn_fwd_kernel(
     BT_row = BT_ptr + seq.to(tl.int64) * stride_bts
     K_head = K_ptr + kv_head * stride_kh
     V_head = V_ptr + kv_head * stride_vh
+    KS_head = KS_ptr + kv_head * stride_sh
+    VS_head = VS_ptr + kv_head * stride_sh
     acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_head, V_head, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        KS_head, VS_head, stride_sb, stride_ss,
         tile_lo, full_lo, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, KV_QUANT,
     )
     acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_head, V_head, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        KS_head, VS_head, stride_sb, stride_ss,
         full_lo, full_hi, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        PAGE, BLOCK_N, True, False, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        PAGE, BLOCK_N, True, False, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, KV_QUANT,
     )
     acc, l_i, m_i = attn_inner(
         acc, l_i, m_i, q, q_pos, K_head, V_head, BT_row, stride_kb, stride_ks, stride_vb, stride_vs,
+        KS_head, VS_head, stride_sb, stride_ss,
         full_hi, kv_end, kv_end, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, KV_QUANT,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padding rows have l_i == 0
     tl.store(
@@ -143,6 +149,8 @@ def paged_attention_triton(
     num_stages: int | None = None,
     decode_num_warps: int = 4,
     decode_num_stages: int = 2,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Validate, then launch the decode split + reduce kernels and (unless every q_len is 1) the
     unified kernel. q: [T, H_q, D], caches: [num_blocks, block_size, H_kv, D] -> [T, H_q, D].
@@ -150,9 +158,12 @@ def paged_attention_triton(
     ``max_context_len`` (an upper bound on max(context_lens)) sizes the split-K scratch; it defaults
     to block_tables.shape[1] * block_size. ``partition_size``, block sizes, warps and stages are for
     tests and tuning; a sequence's result depends on them, so an engine must keep them fixed.
+    An 8-bit cache (int8 / fp8) comes with ``k_scale``/``v_scale`` [num_blocks, block_size, H_kv] float32 and
+    is dequantized tile by tile after each load.
     """
+    quantized = _validate.check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     _validate.check_paged_attention(
-        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, sliding_window, softcap, out, k_scale, v_scale
     )
     _validate.check_triton_inputs(q, k_cache=k_cache, v_cache=v_cache, out=out)
     check_launchable(q, _paged_attn_fwd_kernel)
@@ -175,10 +186,13 @@ def paged_attention_triton(
     window = sliding_window or 0
     cap = float(softcap or 0.0)
     cfg_m, cfg_n, warps, stages = unified_config(d_pad, group, q.dtype, q.device)
+    if not quantized:
+        k_scale = v_scale = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)  # unused
     common = (
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
     )
 
@@ -194,12 +208,13 @@ def paged_attention_triton(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((num_seqs, h_q, max_parts, d_pad), dtype=torch.float32, device=q.device)
         paged_decode_split_kernel[(num_seqs, h_kv, max_parts)](
-            q, k_cache, v_cache, out, part_m, part_l, part_acc, cu_seqlens_q, context_lens, block_tables,
+            q, k_cache, v_cache, k_scale, v_scale, out, part_m, part_l, part_acc, cu_seqlens_q, context_lens,
+            block_tables,
             scale, cap, window, *common,
             part_m.stride(0), part_m.stride(1), part_acc.stride(0), part_acc.stride(1), part_acc.stride(2),
             HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP=group, BLOCK_G=block_g, BLOCK_N=dec_n, PAGE=page,
             PARTITION_SIZE=partition_size, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
-            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, num_warps=decode_num_warps,
+            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, KV_QUANT=quantized, num_warps=decode_num_warps,
             num_stages=decode_num_stages,
         )
         if max_parts > 1:
@@ -216,11 +231,12 @@ def paged_attention_triton(
         bm = max(block_m or cfg_m, triton.next_power_of_2(group))
         block_q = bm // group
         _paged_attn_fwd_kernel[(num_tokens // block_q + num_seqs, h_kv)](
-            q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+            q, k_cache, v_cache, k_scale, v_scale, out, cu_seqlens_q, context_lens, block_tables,
             num_seqs, scale, cap, window, *common,
             HEAD_DIM=d, HEAD_DIM_PAD=d_pad, GROUP=group, BLOCK_Q=block_q, BLOCK_M=bm,
             BLOCK_N=block_n or cfg_n, PAGE=page, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
-            SKIP_DECODE=True, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, num_warps=num_warps or warps,
+            SKIP_DECODE=True, DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_dot, KV_QUANT=quantized,
+            num_warps=num_warps or warps,
             num_stages=num_stages or stages,
         )
     return out

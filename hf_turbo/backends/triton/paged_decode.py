@@ -14,16 +14,18 @@ __all__ = ["paged_decode_reduce_kernel", "paged_decode_split_kernel"]
 
 @triton.jit(do_not_specialize=["sliding_window"])
 def paged_decode_split_kernel(
-    Q_ptr, K_ptr, V_ptr, Out_ptr, PartM_ptr, PartL_ptr, PartAcc_ptr, CuQ_ptr, Ctx_ptr, BT_ptr,
+    Q_ptr, K_ptr, V_ptr, KS_ptr, VS_ptr, Out_ptr, PartM_ptr, PartL_ptr, PartAcc_ptr, CuQ_ptr, Ctx_ptr, BT_ptr,
     scale, softcap, sliding_window,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_sb, stride_ss, stride_sh,
     stride_ot, stride_oh, stride_bts,
     stride_pm_s, stride_pm_h, stride_pa_s, stride_pa_h, stride_pa_p,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,8 +70,9 @@ def paged_decode_split_kernel(
         acc, l_i, m_i, q, q_pos,
         K_ptr + kv_head * stride_kh, V_ptr + kv_head * stride_vh, BT_ptr + seq.to(tl.int64) * stride_bts,
         stride_kb, stride_ks, stride_vb, stride_vs,
+        KS_ptr + kv_head * stride_sh, VS_ptr + kv_head * stride_sh, stride_sb, stride_ss,
         (lo // BLOCK_N) * BLOCK_N, hi, ctx, scale, softcap, sliding_window, offs_n, offs_d, d_mask,
-        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT,
+        PAGE, BLOCK_N, True, True, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION, UPCAST_DOT, KV_QUANT,
     )
     if num_parts - first_part == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padding rows have l_i == 0
