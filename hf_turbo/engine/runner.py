@@ -12,6 +12,11 @@ runner runs the lean forward and the model's own on a scratch cache (two short s
 step's first prompt tokens, every position's logits) and keeps the lean one only if the logits are
 bitwise equal. The check costs two forwards of a few dozen tokens and touches no engine state, so
 even an engine whose first steps are 2,048-token prefills runs them lean.
+
+The step's metadata reaches the device through :class:`~hf_turbo.engine.staging.StepStaging` (persistent
+buffers, non-blocking copies: no host sync). Once the lean forward is verified, a decode-only step goes
+to ``graphs`` (:class:`~hf_turbo.engine.graphs.DecodeGraphs`, when the engine enabled them): padded to a
+bucket and replayed as a CUDA graph; a step outside its buckets runs here, eagerly.
 """
 
 from __future__ import annotations
