@@ -32,6 +32,7 @@ def _engine(model, max_num_seqs: int = 8, **kw) -> Engine:
     backend = "triton" if next(model.parameters()).is_cuda else "reference"
     config = TurboConfig(backend=backend, max_num_seqs=max_num_seqs, debug_checks=True,
                          cuda_graphs=kw.pop("cuda_graphs", False))
+    kw.setdefault("num_blocks", 256)  # explicit: on CUDA, sizing from free memory would see earlier engines' pools
     return Engine(model, config=config.replace(block_size=BS, **kw))
 
 
@@ -219,7 +220,7 @@ def test_graphs_on_by_default_and_engine_tokens_unchanged():
     prompts = _prompts(12)
     params = SamplingParams(max_new_tokens=16, min_new_tokens=16)
     eager = [o.token_ids for o in _engine(model, max_num_seqs=16).generate(prompts, params, use_tqdm=False)]
-    engine = Engine(model, config=TurboConfig(max_num_seqs=16).replace(block_size=BS))  # cuda_graphs=None: on
+    engine = Engine(model, config=TurboConfig(max_num_seqs=16).replace(block_size=BS, num_blocks=256))  # graphs: on
     assert engine.runner.graphs is not None
     assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == eager
     assert engine.runner.graphs.num_replays > 0 and engine.runner.graphs.failed is None

@@ -115,8 +115,8 @@ class DecodeGraphs:
         """Write the padded step into the host mirrors and copy it to the static buffers; returns the
         context lengths (padding rows' included) and the longest."""
         n, big, bs = len(seqs), self.buckets[-1], self.runner.block_size
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous step's copy has read the mirrors (it ran long ago)
+        if self.copied is not None and not self.copied.query():
+            self.copied.synchronize()  # the previous step's copy must have read the mirrors (it ran long ago)
         h64, h32 = self.host64.numpy(), self.host32.numpy()
         pos = [len(r.token_ids) - 1 for r in seqs]
         ids, slots, pos_pad = h64[:big], h64[2 * big:3 * big], h64[big:2 * big]

@@ -63,8 +63,8 @@ class StepStaging:
         """Copy every part to the device (one non-blocking copy per dtype); returns device views by name."""
         slot = self._slots[self._next]
         self._next ^= 1
-        if slot.event is not None:
-            slot.event.synchronize()  # the copy that last read this slot's host buffers has run (long ago)
+        if slot.event is not None and not slot.event.query():
+            slot.event.synchronize()  # the copy that last read this slot's host buffers must have run
         layout: dict[torch.dtype, list[tuple[str, int, int, tuple[int, ...]]]] = {}
         arrays = {}
         for name, (data, dtype) in parts.items():
