@@ -110,7 +110,10 @@ class TurboConfig:
     the model's own forward before the first step); False always calls the model. ``backend``
     picks the attention backend (``hf_turbo.backends``): ``"auto"`` (Triton on CUDA, the CPU backend on
     the CPU), ``"triton"``, ``"reference"`` (torch ops only) or ``"cpu"``; the environment variable
-    ``HF_TURBO_BACKEND`` overrides it for a whole process.
+    ``HF_TURBO_BACKEND`` overrides it for a whole process. ``cuda_graphs`` replays decode-only steps as
+    CUDA graphs (``engine/graphs.py``): None (default) turns them on where they can run (a CUDA model on the
+    Triton backend with the lean forward, one process), True asks for them and raises ValueError where they
+    cannot run, False keeps every step eager.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -122,6 +125,7 @@ class TurboConfig:
     debug_checks: bool = False
     speculative: SpeculativeConfig | None = None
     lean_forward: bool = True
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, CacheConfig):
@@ -139,6 +143,8 @@ class TurboConfig:
         for name in ("debug_checks", "lean_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TurboConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"TurboConfig.cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ValueError(f"TurboConfig.speculative must be a SpeculativeConfig or None, "
                              f"got {type(self.speculative).__name__}")

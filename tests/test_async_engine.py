@@ -121,14 +121,17 @@ def test_stream_matches_engine_tiny(tiny):
         assert last.output.time_to_first_token is not None
 
 
-def test_stream_matches_engine_fixture(fixture_pair):
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-order", "overlapped"])
+def test_stream_matches_engine_fixture(fixture_pair, overlap):
     model, tok = fixture_pair
     prompts = ["def main():\n    ", "import os\nimport sys\n", "class Foo(object):", "# " + MULTIBYTE]
     params = [SamplingParams(max_new_tokens=n) for n in (8, 12, 6, 12)]
     ref = reference(model, prompts, params, tok)
 
     async def main():
-        async with AsyncEngine(model, tok, num_blocks=128) as eng:
+        eng = AsyncEngine(model, tok, num_blocks=128)
+        eng.overlap = overlap  # on CUDA by default: a step's outputs stream while the next forward runs
+        async with eng:
             return await asyncio.gather(*(collect(eng, p, sp, delay=0.02 * i)
                                           for i, (p, sp) in enumerate(zip(prompts, params))))
 
@@ -189,8 +192,8 @@ def test_stream_text_stop_string(fixture_pair):
 
 
 # -- 3. aborts under load ------------------------------------------------------------------------
-@pytest.mark.parametrize("shared_prefix", [False, True])
-def test_abort_cancel_close_under_load(tiny, shared_prefix):
+@pytest.mark.parametrize("shared_prefix,overlap", [(False, False), (True, False), (False, True)])
+def test_abort_cancel_close_under_load(tiny, shared_prefix, overlap):
     n = 100
     prompts, params = random_prompts(n, seed=1)
     overrides = {}
@@ -226,7 +229,9 @@ def test_abort_cancel_close_under_load(tiny, shared_prefix):
         return tokens, last
 
     async def main():
-        async with AsyncEngine(tiny, num_blocks=512, **overrides) as eng:
+        eng = AsyncEngine(tiny, num_blocks=512, **overrides)
+        eng.overlap = overlap
+        async with eng:
             tasks = [asyncio.create_task(consumer(eng, i)) for i in range(n)]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             await barrier(eng)

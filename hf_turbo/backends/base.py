@@ -90,6 +90,11 @@ class Backend:
     def invalidate(self, cache) -> None:
         """The pools of ``cache`` were written outside an engine forward (an imported cache)."""
 
+    def decode_workspace(self, num_seqs: int, num_heads: int, head_dim: int, max_context_len: int, device) -> Any:
+        """Buffers a decode-only forward of up to ``num_seqs`` sequences may use instead of allocating its own
+        (a captured CUDA graph's split-K scratch), made once and put in ``ctx.meta``; None: none needed."""
+        return None
+
     def fused_ops(self, model: nn.Module, hidden: Tensor) -> FusedOps:
         """The ops a lean forward of ``model`` uses for activations like ``hidden`` (decided once per forward)."""
         return STOCK_OPS

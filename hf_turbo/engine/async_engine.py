@@ -5,7 +5,9 @@ commands (add / abort / cancel / stop) through a thread-safe queue and wakes the
 ``threading.Event``; the thread sleeps on that event when there is no work (no busy spin), and
 otherwise runs ``Engine.step()`` back to back, draining commands between steps. Results go back to
 the event loop in one ``loop.call_soon_threadsafe`` per drain or step, into one ``asyncio.Queue``
-per request.
+per request. On CUDA a step's outputs are streamed while the next step's forward runs (``overlap``):
+the thread queues step N + 1's forward, detokenizes and posts step N's deltas, then waits for N + 1's
+tokens; commands still run only between steps, with every stream brought up to date first.
 
 Streaming text is decoded incrementally (vLLM's ``detokenize_incrementally`` scheme): each new
 token decodes only a short window of ids starting at ``prefix_offset``, and text ending in U+FFFD
@@ -106,6 +108,9 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._posts: list[tuple] = []  # engine thread only: deliveries of the current drain/step
+        self._pending: list[RequestOutput] = []  # engine thread only: the last step's outputs, not yet streamed
+        # stream step N's outputs while the device runs step N + 1 (CUDA; on the CPU the forward is the wait)
+        self.overlap = self.engine.device.type == "cuda"
         self._counts = _Counters()
         self._engine_stats = self.engine.stats()
 
@@ -227,11 +232,14 @@ class AsyncEngine:
                     self._step()
                     self._flush()
                 else:
+                    self._emit_pending()
+                    self._flush()
                     self._wake.wait()
         except BaseException as exc:  # the thread must not die silently, whatever it was
             logger.exception("AsyncEngine loop crashed")
             crash = exc
         finally:
+            self._emit_pending()
             self._close(crash)
 
     def _post(self, target, value, is_exc: bool = False) -> None:
@@ -259,6 +267,7 @@ class AsyncEngine:
                 return True
             if cmd[0] == "stop":
                 return False
+            self._emit_pending()  # a command sees every stream up to date
             self._command(cmd)
 
     def _command(self, cmd: tuple) -> None:
@@ -302,27 +311,43 @@ class AsyncEngine:
         self._post(fut, rid)
 
     def _step(self) -> None:
+        """One engine step. With ``overlap`` the previous step's outputs are streamed (detokenized, posted)
+        after this step's forward is queued, while the device runs it; otherwise right after it."""
         try:
-            outputs = self.engine.step()
+            launched = self.engine.launch_step()
+            self._emit_pending()
+            if self.overlap:
+                self._flush()
+            outputs = self.engine.finish_step(launched)
         except Exception as exc:
-            # Engine.step finished (and forgot) the requests of the failing forward; route the error to them
-            failed = [rid for rid in self._streams if rid not in self.engine.requests]
-            if not failed:
-                # the error came from outside the forward: the engine state is unknown, fail everything
-                logger.exception("Engine.step failed outside the forward; aborting all requests")
-                for rid in list(self._streams):
-                    self.engine.abort(rid)
-                failed = list(self._streams)
-            else:
-                logger.warning("Engine.step failed for %d request(s): %r", len(failed), exc)
-            for rid in failed:
-                self._post(self._streams.pop(rid).queue, exc)
-            self._counts.failed += len(failed)
+            self._emit_pending()
+            self._fail(exc)
             return
+        self._pending = outputs
+        if not self.overlap:
+            self._emit_pending()
+
+    def _emit_pending(self) -> None:
+        outputs, self._pending = self._pending, []
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 self._emit(stream, out)
+
+    def _fail(self, exc: Exception) -> None:
+        # Engine.step finished (and forgot) the requests of the failing forward; route the error to them
+        failed = [rid for rid in self._streams if rid not in self.engine.requests]
+        if not failed:
+            # the error came from outside the forward: the engine state is unknown, fail everything
+            logger.exception("Engine.step failed outside the forward; aborting all requests")
+            for rid in list(self._streams):
+                self.engine.abort(rid)
+            failed = list(self._streams)
+        else:
+            logger.warning("Engine.step failed for %d request(s): %r", len(failed), exc)
+        for rid in failed:
+            self._post(self._streams.pop(rid).queue, exc)
+        self._counts.failed += len(failed)
 
     def _emit(self, stream: _Stream, out: RequestOutput) -> None:
         new = out.token_ids[stream.num_sent:]

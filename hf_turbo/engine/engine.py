@@ -22,8 +22,9 @@ from hf_turbo.cache.paged_cache import PagedKVCache
 from hf_turbo.config import TurboConfig
 from hf_turbo.engine.attach import attach
 from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
-from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout
+from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout, model_tp_size
 from hf_turbo.engine.follower import tensor_parallel
+from hf_turbo.engine.graphs import decode_graphs
 from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks
 from hf_turbo.engine.request import Request, RequestOutput
 from hf_turbo.engine.runner import ModelRunner
@@ -82,7 +83,8 @@ class Engine:
         _, kv_heads, head_dim = local_kv_layout(model)
         # the attention backend (hf_turbo.backends): TurboConfig.backend, HF_TURBO_BACKEND overriding it
         self.backend = get_backend(config.backend, self.device, config.cache.kv_dtype)
-        self.cache = PagedKVCache(nblocks, config.cache.block_size, num_layers, param.dtype, self.device,
+        # one block more than the pool hands out: the scratch block of padded decode steps (engine/graphs.py)
+        self.cache = PagedKVCache(nblocks + 1, config.cache.block_size, num_layers, param.dtype, self.device,
                                   kv_shape=(kv_heads, head_dim), backend=self.backend, kv_dtype=config.cache.kv_dtype,
                                   layer_devices=layer_devices(model))  # device_map: each layer's on its device
         self.pool = BlockPool(nblocks, config.cache.block_size)
@@ -91,6 +93,8 @@ class Engine:
         self.scheduler.on_release = lambda req: self.backend.release(self.cache, req)
         self.scheduler.on_import = self._write_imported
         self.runner = ModelRunner(model, self.cache, lean=config.lean_forward)
+        self.runner.graphs = decode_graphs(self.runner, config.cuda_graphs, config.max_num_seqs, self.max_model_len,
+                                           nblocks, model_tp_size(model))
         self.spec = None if spec is None else SpecDecoder(spec, config, nblocks)
         self.book = Bookkeeper(self.scheduler, tokenizer, None if self.spec is None else self.spec.accept,
                                None if self.spec is None else self.spec.release)
@@ -198,10 +202,22 @@ class Engine:
         With speculation, running requests first get proposals (``spec_tokens``) that the same
         forward verifies; a request may then gain several tokens in one step (``hf_turbo.engine.spec``).
         """
+        return self.finish_step(self.launch_step())
+
+    def launch_step(self) -> tuple[StepPlan, torch.Tensor] | None:
+        """The first half of :meth:`step`: schedule and queue the forward (on CUDA it runs while this returns).
+        The caller may do host work (stream the previous step's outputs) before :meth:`finish_step`, but must
+        not add, abort or step in between."""
         plan = self._schedule()
         if plan is None:
+            return None
+        return plan, self._run(plan)
+
+    def finish_step(self, launched: tuple[StepPlan, torch.Tensor] | None) -> list[RequestOutput]:
+        """The second half of :meth:`step`: sample (the step's one wait for the device) and apply the tokens."""
+        if launched is None:
             return []
-        logits = self._run(plan)
+        plan, logits = launched
         return self._after_step(self._postprocess(plan, logits))
 
     def _schedule(self) -> StepPlan | None:

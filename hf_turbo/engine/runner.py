@@ -12,17 +12,25 @@ runner runs the lean forward and the model's own on a scratch cache (two short s
 step's first prompt tokens, every position's logits) and keeps the lean one only if the logits are
 bitwise equal. The check costs two forwards of a few dozen tokens and touches no engine state, so
 even an engine whose first steps are 2,048-token prefills runs them lean.
+
+The step's metadata reaches the device through :class:`~hf_turbo.engine.staging.StepStaging` (persistent
+buffers, non-blocking copies: no host sync). Once the lean forward is verified, a decode-only step goes
+to ``graphs`` (:class:`~hf_turbo.engine.graphs.DecodeGraphs`, when the engine enabled them): padded to a
+bucket and replayed as a CUDA graph; a step outside its buckets runs here, eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache
+from hf_turbo.engine.graphs import DecodeGraphs, is_decode_only
 from hf_turbo.engine.lean import LeanForward
 from hf_turbo.engine.request import Request
+from hf_turbo.engine.staging import StepStaging
 from hf_turbo.patches.attention import CTX_KWARG, engine_forward
 from hf_turbo.patches.compat import forward_cache_kwargs
 
@@ -48,6 +56,8 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.lean = LeanForward.build(model) if lean else None
         self.lean_verified = False
+        self.staging = StepStaging(self.device)  # the step's metadata: persistent buffers, non-blocking copies
+        self.graphs: DecodeGraphs | None = None  # decode steps on static buffers (engine/graphs.py), when enabled
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]], logit_rows: list[list[int]] | None = None
@@ -59,6 +69,12 @@ class ModelRunner:
         ``spec_tokens`` are computed as if appended to its ``token_ids``. Returns float logits
         [N, V] for all wanted positions in order.
         """
+        lean = self.lean if self.lean is not None and self.lean.usable() else None
+        if self.graphs is not None and lean is not None and self.lean_verified and is_decode_only(scheduled, logit_rows) \
+                and not any(getattr(req, "model_inputs", None) for req, _ in scheduled):
+            logits = self.graphs.run([req for req, _ in scheduled])
+            if logits is not None:  # a static buffer on CUDA: the caller gets its own copy
+                return logits.float() if logits.dtype != torch.float32 or not logits.is_cuda else logits.clone()
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -71,13 +87,19 @@ class ModelRunner:
         for i, (req, n) in enumerate(scheduled):
             start = req.num_computed
             end = start + n
-            ids.extend(req.token_ids[start:end])
             num_own = len(req.token_ids)
-            if end > num_own:  # proposed tokens under verification follow the request's own tokens
-                ids.extend(req.spec_tokens[max(start - num_own, 0):end - num_own])
-            pos.extend(range(start, end))
             blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1 and end <= num_own:  # a decode row: no per-token loop
+                ids.append(req.token_ids[start])
+                pos.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                ids.extend(req.token_ids[start:end])
+                if end > num_own:  # proposed tokens under verification follow the request's own tokens
+                    ids.extend(req.spec_tokens[max(start - num_own, 0):end - num_own])
+                p = np.arange(start, end)
+                pos.extend(range(start, end))
+                slots.extend((np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs).tolist())
             base = cu[-1]
             if logit_rows is None:
                 if end == req.num_tokens:
@@ -89,21 +111,23 @@ class ModelRunner:
             max_q = max(max_q, n)
             max_blocks = max(max_blocks, len(blocks))
         table = [req.block_ids + [0] * (max_blocks - len(req.block_ids)) for req, _ in scheduled]
-        dev = self.device
         seqs = [req for req, _ in scheduled]
-        input_ids = torch.tensor([ids], dtype=torch.long, device=dev)
-        position_ids = torch.tensor([pos], dtype=torch.long, device=dev)
-        logits_to_keep = torch.tensor(keep, dtype=torch.long, device=dev)
+        staged = self.staging.stage({"ids": (ids, torch.int64), "pos": (pos, torch.int64),
+                                     "keep": (keep, torch.int64), "slots": (slots, torch.int64),
+                                     "cu": (cu, torch.int32), "lens": (ctx_lens, torch.int32),
+                                     "table": (table, torch.int32)})
+        input_ids, position_ids, logits_to_keep = staged["ids"][None], staged["pos"][None], staged["keep"]
+        ctx = ForwardContext(
+            cache=self.cache, slot_mapping=staged["slots"], cu_seqlens_q=staged["cu"], context_lens=staged["lens"],
+            block_tables=staged["table"], max_seqlen_q=max_q, max_context_len=max(ctx_lens), host_cu_seqlens_q=cu,
+            host_context_lens=ctx_lens, backend=self.backend, seqs=seqs)
         extra = self._model_inputs(scheduled, input_ids)
         if extra:  # generate()'s inputs_embeds / token_type_ids: the model's own forward takes them
-            ctx = self._context(self.cache, slots, cu, ctx_lens, table, max_q, seqs)
             return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c, extra),
                              ctx)[0].float()
-        lean = self.lean if self.lean is not None and self.lean.usable() else None
         if lean is not None and not self.lean_verified:
             self._check_lean(seqs)
             lean = self.lean if self.lean_verified else None
-        ctx = self._context(self.cache, slots, cu, ctx_lens, table, max_q, seqs)
         if lean is not None:
             return self._run(lambda c: lean(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()
         return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_turbo.sampling.workspace import scratch
+from hf_turbo.sampling.workspace import on_device, scratch
 
 __all__ = ["reference_filter", "candidate_filter", "Candidates"]
 
@@ -42,7 +42,7 @@ _NEG_INF = -math.inf
 
 
 def _col(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=dtype, device=device).reshape(-1, 1)
+    return on_device(list(values), dtype, device).reshape(-1, 1)
 
 
 def reference_filter(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
@@ -54,7 +54,7 @@ def reference_filter(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[floa
     if any(k > 0 for k in top_k):
         kmax = min(max(top_k), vocab)
         vals = torch.topk(x, kmax).values
-        ks = torch.tensor([min(k, vocab) - 1 if k > 0 else 0 for k in top_k], device=device).reshape(-1, 1)
+        ks = on_device([min(k, vocab) - 1 if k > 0 else 0 for k in top_k], None, device).reshape(-1, 1)
         kth = vals.gather(1, ks)
         kth = torch.where(_col([k > 0 for k in top_k], torch.bool, device), kth, _NEG_INF)
         x = x.masked_fill(x < kth, _NEG_INF)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_turbo.sampling.workspace import scratch
+from hf_turbo.sampling.workspace import on_device, scratch
 
 __all__ = ["row_keys", "keyed_bits", "keyed_gumbel", "keyed_uniform", "perturbed_argmax"]
 
@@ -52,7 +52,7 @@ def row_keys(seeds: Sequence[int], positions: Sequence[int], device: torch.devic
     for seed, pos in zip(seeds, positions):
         z = _splitmix64(_splitmix64(seed & _MASK64) ^ (pos & _MASK64))
         keys.append((_signed32(z & 0xFFFFFFFF), _signed32(z >> 32)))
-    return torch.tensor(keys, dtype=torch.int32, device=device).reshape(-1, 2)
+    return on_device(keys, torch.int32, device).reshape(-1, 2)
 
 
 def _mix_shift(x: torch.Tensor, tmp: torch.Tensor, s: int) -> torch.Tensor:

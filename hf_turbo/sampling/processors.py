@@ -16,7 +16,7 @@ import torch
 
 from hf_turbo.grammar.masks import apply_masks
 from hf_turbo.sampling.params import RowState
-from hf_turbo.sampling.workspace import scratch
+from hf_turbo.sampling.workspace import on_device, scratch
 
 __all__ = ["apply_penalties", "scale_by_temperature", "div_like_scalar"]
 
@@ -38,9 +38,9 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
         # (a repeated id writes the same value again)
         hist = [list(rows[i].history) for i in rep]
         width = max(len(h) for h in hist)
-        ids = torch.tensor([h + [h[0]] * (width - len(h)) for h in hist], dtype=torch.long, device=device)
-        pen = torch.tensor([[rows[i].params.repetition_penalty] for i in rep], dtype=torch.float32, device=device)
-        at = (torch.tensor(rep, dtype=torch.long, device=device)[:, None], ids)  # [r, 1], [r, L]
+        ids = on_device([h + [h[0]] * (width - len(h)) for h in hist], torch.long, device)
+        pen = on_device([[rows[i].params.repetition_penalty] for i in rep], torch.float32, device)
+        at = (on_device(rep, torch.long, device)[:, None], ids)  # [r, 1], [r, L]
         s = scores[at]
         scores[at] = torch.where(s < 0, s * pen, div_like_scalar(s, pen))
     r_idx, t_idx, add = [], [], []
@@ -57,8 +57,8 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
                 t_idx.append(tok)
                 add.append(bias)
     if r_idx:
-        scores.index_put_((torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)),
-                          torch.tensor(add, dtype=torch.float32, device=device), accumulate=True)
+        scores.index_put_((on_device(r_idx, None, device), on_device(t_idx, None, device)),
+                          on_device(add, torch.float32, device), accumulate=True)
     eos = [(i, e) for i, row in enumerate(rows) if row.position < row.params.min_new_tokens for e in row.eos_ids
            if e < vocab]
     if eos:

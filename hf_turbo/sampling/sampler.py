@@ -19,7 +19,7 @@ from hf_turbo.sampling.filters import candidate_filter, reference_filter
 from hf_turbo.sampling.noise import perturbed_argmax, row_keys
 from hf_turbo.sampling.params import RowState
 from hf_turbo.sampling.processors import apply_penalties, scale_by_temperature
-from hf_turbo.sampling.workspace import scratch
+from hf_turbo.sampling.workspace import on_device, scratch
 
 __all__ = ["sample", "process_logits", "SampleResult"]
 
@@ -69,15 +69,15 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], return_scores: bool =
         return SampleResult(host, scores, dense) if return_scores else host
     tokens = scores.argmax(dim=-1) if len(sampled) < n else torch.empty(n, dtype=torch.long, device=device)
     params = [rows[i].params for i in sampled]
-    idx = torch.tensor(sampled, device=device)
-    temp = torch.tensor([[p.temperature] for p in params], dtype=torch.float32, device=device)
+    idx = on_device(sampled, None, device)
+    temp = on_device([[p.temperature] for p in params], torch.float32, device)
     x = scale_by_temperature(scores.index_select(0, idx) if len(sampled) < n else scores, temp)
     keys = row_keys([rows[i].seed for i in sampled], [rows[i].position for i in sampled], device)
     filt = [j for j, p in enumerate(params) if p.has_filters]
     plain = [j for j, p in enumerate(params) if not p.has_filters]
     picked = torch.empty(len(sampled), dtype=torch.long, device=device)
     if plain:
-        sel = torch.tensor(plain, device=device)
+        sel = on_device(plain, None, device)
         picked[sel] = perturbed_argmax(x[sel], keys[sel])
     if filt:
         fx = x if len(filt) == len(sampled) else x[filt]
@@ -87,12 +87,12 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], return_scores: bool =
         else:
             cands, ref_rows, ref = None, list(range(len(filt))), reference_filter(fx, *args)
         if cands is not None and cands.rows:
-            sel = torch.tensor([filt[r] for r in cands.rows], device=device)
+            sel = on_device([filt[r] for r in cands.rows], None, device)
             picked[sel] = perturbed_argmax(cands.values.masked_fill(~cands.keep, -math.inf), keys[sel], cands.ids)
             if return_scores:
                 dense.update(zip((sampled[filt[r]] for r in cands.rows), cands.dense(vocab)))
         if ref_rows:
-            sel = torch.tensor([filt[r] for r in ref_rows], device=device)
+            sel = on_device([filt[r] for r in ref_rows], None, device)
             picked[sel] = perturbed_argmax(ref, keys[sel])
             if return_scores:
                 dense.update(zip((sampled[filt[r]] for r in ref_rows), ref))

@@ -1,4 +1,4 @@
-"""Reused scratch buffers for the sampler's full-vocabulary passes.
+"""Reused scratch buffers for the sampler's full-vocabulary passes, and host lists to the device without a sync.
 
 A fresh [64, 151936] float32 tensor costs more in page faults (the allocator maps big blocks anew each
 time) than the elementwise pass that fills it; each thread keeps its largest buffer per name, dtype and
@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-__all__ = ["scratch"]
+__all__ = ["on_device", "scratch"]
 
 _local = threading.local()
 
@@ -29,3 +29,13 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     if buf is None or buf.numel() < numel:
         buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
+
+
+def on_device(data, dtype: torch.dtype | None, device: torch.device | str) -> torch.Tensor:
+    """``torch.tensor(data, dtype=dtype, device=device)`` without waiting for the device: on CUDA through pinned
+    memory and a non-blocking copy (``torch.tensor(..., device="cuda")`` copies from pageable memory and
+    synchronizes the stream: a host sync per call)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

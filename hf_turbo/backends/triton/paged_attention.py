@@ -25,6 +25,8 @@ bitwise the same output alone or inside any batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -35,6 +37,32 @@ from hf_turbo.backends.triton.common import attn_inner, check_launchable, seq_of
 from hf_turbo.backends.triton.paged_decode import paged_decode_reduce_kernel, paged_decode_split_kernel
 
 DEFAULT_PARTITION_SIZE = 512
+
+
+@dataclass(frozen=True)
+class DecodeScratch:
+    """Preallocated split-K scratch for up to ``m.shape[0]`` decode sequences and ``m.shape[2]`` partitions:
+    partial maxima and sums ``m``/``l`` [S, H_q, P] and accumulators ``acc`` [S, H_q, P, D_pad] (fp32)."""
+
+    m: Tensor
+    l: Tensor  # noqa: E741 - the online softmax's l
+    acc: Tensor
+
+    @classmethod
+    def allocate(cls, num_seqs: int, num_heads: int, head_dim: int, max_context_len: int, device,
+                 partition_size: int = DEFAULT_PARTITION_SIZE) -> DecodeScratch:
+        parts = max(1, triton.cdiv(max_context_len, partition_size))
+        d_pad = max(16, triton.next_power_of_2(head_dim))
+        m = torch.empty((num_seqs, num_heads, parts), dtype=torch.float32, device=device)
+        acc = torch.empty((num_seqs, num_heads, parts, d_pad), dtype=torch.float32, device=device)
+        return cls(m, torch.empty_like(m), acc)
+
+    def views(self, num_seqs: int, num_heads: int, parts: int, d_pad: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The first ``num_seqs`` rows and ``parts`` partitions, or None when this scratch is too small."""
+        s, h, p = self.m.shape
+        if num_seqs > s or num_heads != h or parts > p or d_pad != self.acc.shape[3]:
+            return None
+        return self.m[:num_seqs, :, :parts], self.l[:num_seqs, :, :parts], self.acc[:num_seqs, :, :parts]
 
 
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
@@ -151,6 +179,7 @@ def paged_attention_triton(
     decode_num_stages: int = 2,
     k_scale: Tensor | None = None,
     v_scale: Tensor | None = None,
+    scratch: DecodeScratch | None = None,
 ) -> Tensor:
     """Validate, then launch the decode split + reduce kernels and (unless every q_len is 1) the
     unified kernel. q: [T, H_q, D], caches: [num_blocks, block_size, H_kv, D] -> [T, H_q, D].
@@ -159,7 +188,8 @@ def paged_attention_triton(
     to block_tables.shape[1] * block_size. ``partition_size``, block sizes, warps and stages are for
     tests and tuning; a sequence's result depends on them, so an engine must keep them fixed.
     An 8-bit cache (int8 / fp8) comes with ``k_scale``/``v_scale`` [num_blocks, block_size, H_kv] float32 and
-    is dequantized tile by tile after each load.
+    is dequantized tile by tile after each load. ``scratch``: a preallocated :class:`DecodeScratch` used when
+    large enough (a CUDA graph's; results do not depend on it).
     """
     quantized = _validate.check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     _validate.check_paged_attention(
@@ -204,9 +234,13 @@ def paged_attention_triton(
         bound = capacity if max_context_len is None else min(max_context_len, capacity)
         max_parts = max(1, triton.cdiv(bound, partition_size))
         block_g = max(16, triton.next_power_of_2(group))
-        part_m = torch.empty((num_seqs, h_q, max_parts), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((num_seqs, h_q, max_parts, d_pad), dtype=torch.float32, device=q.device)
+        views = None if scratch is None else scratch.views(num_seqs, h_q, max_parts, d_pad)
+        if views is not None:
+            part_m, part_l, part_acc = views
+        else:
+            part_m = torch.empty((num_seqs, h_q, max_parts), dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+            part_acc = torch.empty((num_seqs, h_q, max_parts, d_pad), dtype=torch.float32, device=q.device)
         paged_decode_split_kernel[(num_seqs, h_kv, max_parts)](
             q, k_cache, v_cache, k_scale, v_scale, out, part_m, part_l, part_acc, cu_seqlens_q, context_lens,
             block_tables,
