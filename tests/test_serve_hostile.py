@@ -142,7 +142,8 @@ def test_long_integers_and_lone_surrogates_get_400(live):
         # a surrogate pair is one valid character: served (a 404 for the unknown model name, echoed intact)
         code, _, raw = conn.request("POST", comp, b'{"model": "\\ud83d\\ude00", "prompt": "x"}')
         assert code == 404 and "\U0001f600" in json.loads(raw)["error"]["message"]
-        code, _, raw = conn.request("POST", comp, b'{"model": "fixture", "prompt": "\\ud83d\\ude00", "max_tokens": 2}')
+        code, _, raw = conn.request("POST", comp, b'{"model": "fixture", "prompt": "\\ud83d\\ude00", "max_tokens": 2, '
+                                  b'"ignore_eos": true}')  # sampled: an early EOS is not the point here
         assert code == 200 and json.loads(raw)["usage"]["completion_tokens"] == 2
     finally:
         conn.close()
