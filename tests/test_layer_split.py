@@ -73,6 +73,29 @@ def test_split_kv_sizing_counts_each_devices_own_layers():
     assert split_kv_blocks({a: 8_000_000, b: 8_000_000}, [a, a, b, b], per_block) == 4_000
 
 
+def test_offloaded_layer_runs_exactly(tmp_path):
+    """accelerate's disk offload (the hooks load a layer's weights for each call): the engine places that layer's
+    pools at its first forward and equals stock generate() on the same model, with chunked prefill."""
+    model = tiny_model("llama")
+    prompts = [[5, 17, 3, 99, 42, 7, 250, 11, 60], [300, 2, 8], list(range(40, 75))]
+    stock = [model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
+             for p in prompts]
+    model = dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.rotary_emb": "cpu",
+                                              "model.layers.0": "cpu", "model.layers.1": "disk",
+                                              "model.norm": "cpu", "lm_head": "cpu"},
+                           main_device="cpu", offload_dir=str(tmp_path))
+    assert next(model.model.layers[1].parameters()).device == META  # offloaded: loaded per call by its hook
+    engine = Engine(model, config=hf_turbo.TurboConfig(max_num_batched_tokens=16))
+    try:
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=16), use_tqdm=False)
+        assert [o.token_ids for o in outs] == stock
+        assert [engine.cache.layer_pools(i)[0].device for i in range(2)] == [CPU, CPU]
+        engine.check_invariants()
+        assert engine.pool.num_free == engine.pool.num_blocks
+    finally:
+        engine.close()
+
+
 def _split_check(device_map: dict, main_device: str) -> None:
     model = tiny_model("llama")
     model = dispatch_model(model, device_map=device_map, main_device=main_device)
