@@ -13,6 +13,8 @@ No parameter, buffer or module is touched, so ``state_dict`` never changes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import torch
@@ -59,6 +61,8 @@ def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, 
     if is_accelerated(model):
         return model
     cfg = (config or TurboConfig()).replace(**overrides) if overrides else (config or TurboConfig())
+    if cfg.cache.sliding_release is None:  # generate() returns and continues HF caches: every position is kept
+        cfg = cfg.replace(sliding_release=False)
     state = attach(model, cfg, probe=probe)
     if state.had_generate_attr:
         state.extras["generate"] = model.__dict__["generate"]

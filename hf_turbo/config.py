@@ -32,6 +32,13 @@ class CacheConfig:
     token (``hf-turbo eval`` reports how far it moves); it is exact with respect to itself (prefix caching,
     chunking, preemption and speculation do not change its tokens). On the CPU it runs on the reference
     backend.
+
+    ``sliding_release``: layers whose attention runs within a sliding window keep only the blocks that window
+    still reads (``cache/sliding.py``): their pools are sized for the running sequences' windows, and the
+    memory saved goes to more blocks for the full-attention layers. ``None`` (default): on where the model
+    has sliding layers, unless the CPU backend would run it (its contiguous rows keep every position anyway)
+    or the model is tensor-parallel; ``True``: on (the reference backend instead of the CPU backend);
+    ``False``: off. Output is unchanged either way (the window never reads what is released).
     """
 
     block_size: int = 16
@@ -40,6 +47,7 @@ class CacheConfig:
     cpu_kv_bytes: int = 512 * 1024 * 1024
     enable_prefix_caching: bool = True
     kv_dtype: str = "auto"
+    sliding_release: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -52,6 +60,8 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.cpu_kv_bytes must be a positive integer, got {self.cpu_kv_bytes!r}")
         if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"CacheConfig.kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.sliding_release not in (None, True, False):
+            raise ValueError(f"CacheConfig.sliding_release must be None, True or False, got {self.sliding_release!r}")
 
 
 @dataclass(frozen=True)

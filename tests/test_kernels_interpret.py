@@ -176,6 +176,26 @@ def test_paged_decode_split_k(window):
     assert_rel_close(out, paged_ref64(q, kc, vc, cu, ctx, bt, **kw), TOL[torch.float32])
 
 
+@pytest.mark.parametrize("fill", [0.0, float("nan")])
+@pytest.mark.parametrize("q_lens, ctx_lens", [([1] * 6, [1, 31, 33, 90, 150, 200]), ([1, 37, 5], [45, 90, 60])])
+def test_paged_attention_released_window_blocks(q_lens, ctx_lens, fill):
+    """Sliding-window release (cache/sliding.py): table entries of blocks wholly before a sequence's window point
+    at one scratch block. The kernels skip them (decode partitions and prefill tiles start at the window), so
+    the output equals attention over the full table, even with NaN in that block."""
+    window = 40
+    q, kc, vc, cu, ctx, bt = make_paged(q_lens, ctx_lens, h_q=8, h_kv=2, block_size=16, seed=5)
+    scratch = kc.shape[0]
+    kc2 = torch.cat([kc, torch.full_like(kc[:1], fill)])
+    vc2 = torch.cat([vc, torch.full_like(vc[:1], fill)])
+    released = bt.clone()
+    for s, (n, c) in enumerate(zip(q_lens, ctx_lens)):
+        released[s, :max(0, c - n - window + 1) // 16] = scratch
+    assert (released == scratch).any()
+    kw = dict(scale=0.125, sliding_window=window)
+    out = paged_attention_triton(q, kc2, vc2, cu, ctx, released, out=poisoned(q), **kw, **SMALL)
+    assert_rel_close(out, paged_ref64(q, kc, vc, cu, ctx, bt, **kw), TOL[torch.float32])
+
+
 @pytest.mark.parametrize(
     "d, dtype", [(80, torch.float32), (96, torch.float32), (128, torch.bfloat16), (256, torch.float32)]
 )

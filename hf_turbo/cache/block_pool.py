@@ -48,6 +48,9 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
+        # how many times each block has been handed out fresh by allocate(): a block's K/V belong to one
+        # generation (what a sliding-window cache keys its released layers' copies by, cache/sliding.py)
+        self.generation = [0] * num_blocks
         # Free queue in eviction order: front = evicted first. OrderedDict gives O(1) removal of a
         # revived block from the middle.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
@@ -87,6 +90,7 @@ class BlockPool:
             block, _ = self._free.popitem(last=False)
             self._forget_hash(block)
             self.ref_counts[block] = 1
+            self.generation[block] += 1
             out.append(block)
         return out
 
@@ -130,6 +134,10 @@ class BlockPool:
         return new, True
 
     # -- prefix cache ---------------------------------------------------------------------------
+    def is_cached(self, block: int) -> bool:
+        """Whether ``block`` carries a prefix hash (a later request may revive it)."""
+        return block in self._block_hash
+
     def lookup(self, block_hash: bytes) -> int | None:
         """The block caching this hash, or None (does not take a reference)."""
         return self._hash_to_block.get(block_hash)

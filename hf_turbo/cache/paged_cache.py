@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 from hf_turbo.backends import Backend, get_backend
 from hf_turbo.backends.kv_quant import (SCALE_DTYPE, dequantize_kv, kv_bytes_per_token_head, storage_dtype,
                                        write_quantized)
+from hf_turbo.cache.sliding import SlidingBlocks
 
 __all__ = ["ForwardContext", "PagedKVCache", "kv_layout"]
 
@@ -49,6 +50,15 @@ class ForwardContext:
     last_write: tuple | None = None
     seen_windows: dict | None = None  # the accelerate() probe's record: cache layer -> sliding_window attended with
     per_device: dict | None = None  # a layer-split model's copies of this context on its other devices (``on``)
+    # the sliding layers' view of this forward (tables and slots through cache.sliding.table), when they release
+    sliding: ForwardContext | None = None
+
+    def for_layer(self, layer: int) -> ForwardContext:
+        """This forward's context for cache layer ``layer``: the sliding layers' own (their blocks mapped to the
+        smaller pools of ``cache/sliding.py``) where the cache releases them, else ``self``."""
+        if self.sliding is not None and layer in self.cache.sliding.layers:
+            return self.sliding
+        return self
 
     def on(self, device: torch.device) -> ForwardContext:
         """This forward's context for layers on ``device`` (a model split over devices by ``device_map``): the
@@ -64,7 +74,7 @@ class ForwardContext:
                                                                                                     device)
             ctx = replace(self, slot_mapping=self.slot_mapping.to(device), cu_seqlens_q=self.cu_seqlens_q.to(device),
                           context_lens=self.context_lens.to(device), block_tables=self.block_tables.to(device),
-                          backend=backend, meta=None, per_device=None)
+                          backend=backend, meta=None, per_device=None, sliding=None)
             backend.prepare(ctx)
             self.per_device[device] = ctx
         return ctx
@@ -95,7 +105,7 @@ class PagedKVCache(Cache):
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, dtype: torch.dtype,
                  device: torch.device | str, kv_shape: tuple[int, int] | None = None,
                  backend: Backend | None = None, kv_dtype: str = "auto",
-                 layer_devices: list[torch.device | None] | None = None) -> None:
+                 layer_devices: list[torch.device | None] | None = None, sliding: SlidingBlocks | None = None) -> None:
         super().__init__(layers=[])
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -111,6 +121,9 @@ class PagedKVCache(Cache):
         self.key_scales: list[torch.Tensor | None] = [None] * num_layers
         self.value_scales: list[torch.Tensor | None] = [None] * num_layers
         self.ctx: ForwardContext | None = None
+        self.sliding = sliding  # the sliding layers' block map, when they release blocks that left their window
+        if sliding is not None:
+            sliding.copy_layer = self._copy_sliding
         self.backend = backend if backend is not None else get_backend("auto", self.device, kv_dtype)
         self.backend_state = self.backend.new_cache_state(self)  # what the backend keeps beside the pools
         if kv_shape is not None:  # allocate now, not inside the first (timed) forward
@@ -133,13 +146,18 @@ class PagedKVCache(Cache):
     def _allocate_layer(self, layer_idx: int, kv_shape: tuple[int, int], device: torch.device | None = None) -> None:
         # empty, not zeros: no slot is read before it is written (kernels and references read only
         # each sequence's own positions), and untouched pages cost nothing on the CPU
-        shape = (self.num_blocks, self.block_size, *kv_shape)
+        sliding = self.sliding is not None and layer_idx in self.sliding.layers
+        shape = (self.sliding.num_physical + 1 if sliding else self.num_blocks, self.block_size, *kv_shape)
         device = self.device if device is None else device
         self.key_pools[layer_idx] = torch.empty(shape, dtype=self.storage_dtype, device=device)
         self.value_pools[layer_idx] = torch.empty(shape, dtype=self.storage_dtype, device=device)
         if self.quantized:
             self.key_scales[layer_idx] = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
             self.value_scales[layer_idx] = torch.empty(shape[:3], dtype=SCALE_DTYPE, device=device)
+        if sliding:  # the scratch block that released table entries point at: finite, never written
+            for pool in self.layer_pools(layer_idx) + self.layer_scales(layer_idx):
+                if pool is not None:
+                    pool[self.sliding.scratch].zero_()
 
     def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key_pools[layer_idx], self.value_pools[layer_idx]
@@ -168,7 +186,7 @@ class PagedKVCache(Cache):
         v = value_states[0].transpose(0, 1)
         if k.stride(-1) != 1 or v.stride(-1) != 1:  # e.g. K/V sliced out of a fused projection's last dim
             k, v = k.contiguous(), v.contiguous()
-        ctx = self.ctx.on(k.device)
+        ctx = self.ctx.for_layer(layer_idx).on(k.device)
         ctx.backend.write_kv(ctx, layer_idx, k, v)  # the runner's slots: int64, all valid
         self.ctx.last_write = (layer_idx, key_states, value_states)
         return key_states, value_states
@@ -216,6 +234,7 @@ class PagedKVCache(Cache):
     def read_tokens(self, layer_idx: int, block_ids: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V of a sequence's first ``n`` positions in one layer: two ``[n, H_kv, D]`` copies (in the
         model's dtype: an 8-bit cache's values dequantized, as attention reads them)."""
+        block_ids = self._layer_blocks(layer_idx, block_ids[:-(-n // self.block_size)])
         blocks = torch.as_tensor(block_ids, dtype=torch.long, device=self.key_pools[layer_idx].device)
         out = []
         for pool, scales in zip(self.layer_pools(layer_idx), self.layer_scales(layer_idx)):
@@ -230,6 +249,7 @@ class PagedKVCache(Cache):
         quantized as the backend quantizes a forward's K/V in an 8-bit cache)."""
         if self.key_pools[layer_idx] is None or self.key_pools[layer_idx].shape[2:] != key.shape[1:]:
             self._allocate_layer(layer_idx, (key.shape[1], key.shape[2]))
+        block_ids = self._layer_blocks(layer_idx, block_ids)
         n, device = key.shape[0], self.key_pools[layer_idx].device
         pos = torch.arange(n, device=device)
         blocks = torch.as_tensor(block_ids, dtype=torch.long, device=device)
@@ -242,9 +262,29 @@ class PagedKVCache(Cache):
                 pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, src)
         self.backend.invalidate(self)
 
+    def _layer_blocks(self, layer_idx: int, block_ids: list[int]) -> list[int]:
+        """``block_ids`` as ``layer_idx``'s pools address them (a releasing sliding layer's own blocks)."""
+        if self.sliding is None or layer_idx not in self.sliding.layers:
+            return block_ids
+        mapped = [int(self.sliding.table[b]) for b in block_ids]
+        if self.sliding.scratch in mapped:
+            raise RuntimeError(f"layer {layer_idx} released the K/V of positions outside its sliding window "
+                               "(CacheConfig(sliding_release=False) keeps them)")
+        return mapped
+
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's K/V in every layer (copy-on-write)."""
-        for pools in (self.key_pools, self.value_pools, self.key_scales, self.value_scales):
-            for pool in pools:
-                if pool is not None:
-                    pool[dst].copy_(pool[src])
+        for i in range(self.num_layers):
+            if self.sliding is None or i not in self.sliding.layers:
+                self._copy_layer_block(i, src, dst)
+        if self.sliding is not None:
+            self.sliding.copy(src, dst)  # calls _copy_sliding with the sliding layers' own blocks
+
+    def _copy_sliding(self, src: int, dst: int) -> None:
+        for i in self.sliding.layers:
+            self._copy_layer_block(i, src, dst)
+
+    def _copy_layer_block(self, layer_idx: int, src: int, dst: int) -> None:
+        for pool in self.layer_pools(layer_idx) + self.layer_scales(layer_idx):
+            if pool is not None:
+                pool[dst].copy_(pool[src])

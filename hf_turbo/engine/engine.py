@@ -25,10 +25,11 @@ from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
 from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout, model_tp_size
 from hf_turbo.engine.follower import tensor_parallel
 from hf_turbo.engine.graphs import decode_graphs
-from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks
-from hf_turbo.engine.request import Request, RequestOutput
+from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks, plan_sliding_release
+from hf_turbo.engine.request import Request, RequestOutput, check_kv_import
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
+from hf_turbo.engine.sliding_wiring import sliding_blocks, wire_sliding
 from hf_turbo.engine.spec.decoder import SpecDecoder
 from hf_turbo.engine.spec.proposers import validate_draft
 from hf_turbo.grammar.steps import StepGrammar
@@ -81,17 +82,23 @@ class Engine:
         nblocks = agree_num_blocks(model, num_kv_blocks(model, config, draft_bytes))
         num_layers = model.config.get_text_config().num_hidden_layers
         _, kv_heads, head_dim = local_kv_layout(model)
+        # sliding layers that release the blocks their window left (cache/sliding.py): fewer blocks for them
+        backend, sliding = plan_sliding_release(model, config, nblocks, config.backend, self.device, grow=not draft
+                                                and config.cache.num_blocks is None and layer_devices(model) is None)
+        nblocks = nblocks if sliding is None else sliding.num_blocks
+        self.pool = BlockPool(nblocks, config.cache.block_size)
         # the attention backend (hf_turbo.backends): TurboConfig.backend, HF_TURBO_BACKEND overriding it
-        self.backend = get_backend(config.backend, self.device, config.cache.kv_dtype)
+        self.backend = get_backend(backend, self.device, config.cache.kv_dtype)
         # one block more than the pool hands out: the scratch block of padded decode steps (engine/graphs.py)
         self.cache = PagedKVCache(nblocks + 1, config.cache.block_size, num_layers, param.dtype, self.device,
                                   kv_shape=(kv_heads, head_dim), backend=self.backend, kv_dtype=config.cache.kv_dtype,
-                                  layer_devices=layer_devices(model))  # device_map: each layer's on its device
-        self.pool = BlockPool(nblocks, config.cache.block_size)
+                                  layer_devices=layer_devices(model),  # device_map: each layer's on its device
+                                  sliding=sliding_blocks(sliding, self.pool, config.max_num_batched_tokens))
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.cache.enable_prefix_caching)
         self.scheduler.on_release = lambda req: self.backend.release(self.cache, req)
         self.scheduler.on_import = self._write_imported
+        wire_sliding(self)
         self.runner = ModelRunner(model, self.cache, lean=config.lean_forward)
         self.runner.graphs = decode_graphs(self.runner, config.cuda_graphs, config.max_num_seqs, self.max_model_len,
                                            nblocks, model_tp_size(model))
@@ -165,7 +172,7 @@ class Engine:
         if self.config.max_waiting is not None and len(self.scheduler.waiting) >= self.config.max_waiting:
             raise OverflowError(f"too many waiting requests ({len(self.scheduler.waiting)})")
         if kv_import is not None:
-            self._check_import(kv_import, len(ids))
+            check_kv_import(kv_import, len(ids), self.cache)
         for name, value in (model_inputs or {}).items():
             if name not in ("token_type_ids", "inputs_embeds") or not isinstance(value, torch.Tensor) \
                     or not 0 < value.shape[0] <= len(ids) or value.dim() != (1 if name == "token_type_ids" else 2):
@@ -250,19 +257,6 @@ class Engine:
             self.spec.observe_step(plan.sched.num_tokens, time.perf_counter() - self._step_start)
         return self.book.postprocess(plan, result, logits)
 
-    def _check_import(self, kv_import, prompt_len: int) -> None:
-        num_layers = len(self.cache.key_pools)
-        if not isinstance(kv_import, (list, tuple)) or len(kv_import) != num_layers:
-            raise ValueError(f"kv_import must hold one (key, value) pair per layer ({num_layers})")
-        m = kv_import[0][0].shape[0]
-        if not 0 < m < prompt_len:
-            raise ValueError(f"kv_import covers {m} positions; it must cover 1 to {prompt_len - 1} (the prompt "
-                             "length minus the last position, whose logits are computed)")
-        for k, v in kv_import:
-            if k.dim() != 3 or k.shape != v.shape or k.shape[0] != m:
-                raise ValueError(f"kv_import entries must be [m, H_kv, D] pairs of one shape, got {tuple(k.shape)} "
-                                 f"and {tuple(v.shape)}")
-
     def _write_imported(self, req: Request) -> None:
         for layer, (k, v) in enumerate(req.kv_import):
             self.cache.write_tokens(layer, req.block_ids, k, v)
@@ -296,6 +290,8 @@ class Engine:
                 raise AssertionError(f"{r.request_id} holds {len(r.block_ids)} blocks for {r.num_tokens} tokens")
         if self.spec is not None:
             self.spec.check_invariants()
+        if self.cache.sliding is not None:
+            self.cache.sliding.check_invariants()
 
     def close(self) -> None:
         """Release what the engine holds outside itself (a draft model's attention switch)."""

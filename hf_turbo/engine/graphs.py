@@ -210,6 +210,9 @@ def graphs_unavailable(runner, tp_size: int = 1) -> str | None:
         return "TurboConfig.lean_forward is False" if why is None else f"there is no lean forward: {why}"
     if tp_size > 1:
         return f"the model is tensor-parallel ({tp_size} ranks)"
+    if runner.cache.sliding is not None:
+        return ("the cache releases sliding-window blocks (CacheConfig.sliding_release): the sliding layers' "
+                "block tables are remapped every step")
     return None
 
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
+from hf_turbo.cache.paged_cache import kv_layout
+from hf_turbo.cache.sliding import max_running_for, physical_blocks_for
 from hf_turbo.config import TurboConfig
 from hf_turbo.engine.distributed import kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["cuda_kv_budget", "cuda_kv_budgets", "kv_budget_bytes", "layer_devices", "model_max_len", "num_kv_blocks",
-           "profile_forward_peak", "profile_forward_peaks", "split_kv_blocks"]
+           "plan_sliding_release", "profile_forward_peak", "profile_forward_peaks", "split_kv_blocks", "SlidingPlan"]
 
 _GIB = 1 << 30
 
@@ -170,3 +173,64 @@ def model_max_len(model) -> int | None:
     """The model's ``max_position_embeddings`` (text config), or None."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(cfg, "max_position_embeddings", None)
+
+
+@dataclass
+class SlidingPlan:
+    """How a cache's sliding layers release blocks (``cache/sliding.py``): the largest window, the cache layers
+    that attend within one, the engine's block count and the sliding layers' physical block count."""
+
+    window: int
+    layers: list[int]
+    num_blocks: int
+    num_physical: int
+
+
+def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: str, device: torch.device,
+                         grow: bool) -> tuple[str, SlidingPlan | None]:
+    """``CacheConfig.sliding_release`` resolved for ``model``: the backend to use (the reference backend where
+    the CPU backend would keep every position) and the plan, or None to keep every block. ``grow``: the
+    memory the sliding layers save may buy more engine blocks (not with an explicit block count, a draft
+    model's pool of the same count, or layers over several devices)."""
+    from hf_turbo.backends import resolve_backend
+    from hf_turbo.engine.distributed import model_tp_size
+    from hf_turbo.engine.probe import attended_windows
+
+    cc = config.cache
+    if cc.sliding_release is False:
+        return backend, None
+    windows = attended_windows(model)
+    if not windows:
+        if cc.sliding_release:
+            logger.info("CacheConfig.sliding_release: no layer attends within a sliding window; nothing to release")
+        return backend, None
+    if model_tp_size(model) > 1:
+        if cc.sliding_release:
+            raise ValueError("CacheConfig.sliding_release=True is not supported for a tensor-parallel model")
+        return backend, None
+    window, layers = max(windows.values()), sorted(windows)
+    bs = cc.block_size
+    num_physical = min(num_blocks, physical_blocks_for(config.max_num_seqs, config.max_num_batched_tokens, window, bs))
+    if max_running_for(num_physical, config.max_num_batched_tokens, window, bs) < 1:
+        logger.info("sliding-window release off: %d blocks cannot hold one sequence's %d-token window", num_blocks,
+                    window)
+        return backend, None
+    if resolve_backend(backend, device, cc.kv_dtype) == "cpu":
+        if cc.sliding_release is None:
+            logger.debug("sliding-window release off: the CPU backend's contiguous rows keep every position")
+            return backend, None
+        logger.info("CacheConfig.sliding_release: the reference backend instead of the CPU backend (whose "
+                    "contiguous rows would keep every position)")
+        backend = "reference"
+    full = kv_layout(model.config)[0] - len(layers)
+    blocks = num_blocks
+    if grow:
+        max_len = config.max_model_len or model_max_len(model)
+        cap = 2 * config.max_num_seqs * math.ceil(max_len / bs) if max_len else num_blocks
+        # the sliding layers' unused share of every block goes to the full layers (all sliding: one full-length
+        # sequence per running slot)
+        more = len(layers) * (num_blocks - num_physical) // full if full else cap // 2 - num_blocks
+        blocks = max(num_blocks, min(cap, num_blocks + more))
+    logger.info("sliding-window release: layers %s attend within %d tokens; %d blocks for them, %d for the engine "
+                "(%d before)", layers, window, num_physical, blocks, num_blocks)
+    return backend, SlidingPlan(window, layers, blocks, num_physical)

@@ -185,3 +185,21 @@ def _quantized_hint(model) -> str:
     return (f"; or its quantized linear layers ({', '.join(kinds)}) compute a row's product from the whole batch "
             "(bitsandbytes' LLM.int8() picks outlier columns over all rows: BitsAndBytesConfig(llm_int8_threshold=0.0) "
             "makes each row independent)")
+
+
+@torch.inference_mode()
+def attended_windows(model, backend: str = "reference") -> dict[int, int]:
+    """The sliding window each cache layer's attention runs with, read from one short packed forward of the
+    model as the engine runs it (its "hf_turbo" attention already attached); layers attending over the whole
+    context are left out."""
+    param = next(model.parameters())
+    emb = model.get_input_embeddings()
+    vocab = emb.weight.shape[0] if getattr(emb, "weight", None) is not None else model.config.vocab_size
+    windows: dict[int, int | None] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        _packed_logits(model, [_probe_tokens(vocab, 3, 0)], param.device, param.dtype, backend, windows)
+    finally:
+        model.train(was_training)
+    return {layer: int(w) for layer, w in windows.items() if w is not None}

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from hf_turbo.engine.stops import StopStringMatcher
     from hf_turbo.grammar.state import GrammarState
 
-__all__ = ["Request", "RequestStatus", "RequestOutput"]
+__all__ = ["Request", "RequestStatus", "RequestOutput", "check_kv_import"]
 
 
 class RequestStatus(enum.Enum):
@@ -150,3 +150,21 @@ class Request:
         return RequestOutput(self.request_id, list(self.prompt_ids), list(self.output_ids), text,
                              self.finish_reason, self.logprobs, ttft, total, self.num_cached_tokens,
                              self.scores, self.raw_logits)
+
+
+def check_kv_import(kv_import, prompt_len: int, cache) -> None:
+    """ValueError unless ``kv_import`` (``Engine.add_request``) gives every layer of ``cache`` the K/V of 1 to
+    ``prompt_len - 1`` positions (and ``cache`` keeps every layer's blocks)."""
+    num_layers = len(cache.key_pools)
+    if cache.sliding is not None:
+        raise ValueError("kv_import needs every layer's blocks: CacheConfig(sliding_release=False)")
+    if not isinstance(kv_import, (list, tuple)) or len(kv_import) != num_layers:
+        raise ValueError(f"kv_import must hold one (key, value) pair per layer ({num_layers})")
+    m = kv_import[0][0].shape[0]
+    if not 0 < m < prompt_len:
+        raise ValueError(f"kv_import covers {m} positions; it must cover 1 to {prompt_len - 1} (the prompt "
+                         "length minus the last position, whose logits are computed)")
+    for k, v in kv_import:
+        if k.dim() != 3 or k.shape != v.shape or k.shape[0] != m:
+            raise ValueError(f"kv_import entries must be [m, H_kv, D] pairs of one shape, got {tuple(k.shape)} "
+                             f"and {tuple(v.shape)}")

@@ -22,6 +22,7 @@ bucket and replayed as a CUDA graph; a step outside its buckets runs here, eager
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -112,15 +113,23 @@ class ModelRunner:
             max_blocks = max(max_blocks, len(blocks))
         table = [req.block_ids + [0] * (max_blocks - len(req.block_ids)) for req, _ in scheduled]
         seqs = [req for req, _ in scheduled]
-        staged = self.staging.stage({"ids": (ids, torch.int64), "pos": (pos, torch.int64),
-                                     "keep": (keep, torch.int64), "slots": (slots, torch.int64),
-                                     "cu": (cu, torch.int32), "lens": (ctx_lens, torch.int32),
-                                     "table": (table, torch.int32)})
+        parts = {"ids": (ids, torch.int64), "pos": (pos, torch.int64), "keep": (keep, torch.int64),
+                 "slots": (slots, torch.int64), "cu": (cu, torch.int32), "lens": (ctx_lens, torch.int32),
+                 "table": (table, torch.int32)}
+        sliding = self.cache.sliding
+        if sliding is not None:  # the sliding layers' own blocks: holds moved to this step's windows, ids mapped
+            sliding.plan(scheduled)
+            slot_arr = np.asarray(slots, dtype=np.int64)
+            parts["sliding_slots"] = (sliding.table[slot_arr // bs] * bs + slot_arr % bs, torch.int64)
+            parts["sliding_table"] = (sliding.table[np.asarray(table, dtype=np.int64)], torch.int32)
+        staged = self.staging.stage(parts)
         input_ids, position_ids, logits_to_keep = staged["ids"][None], staged["pos"][None], staged["keep"]
         ctx = ForwardContext(
             cache=self.cache, slot_mapping=staged["slots"], cu_seqlens_q=staged["cu"], context_lens=staged["lens"],
             block_tables=staged["table"], max_seqlen_q=max_q, max_context_len=max(ctx_lens), host_cu_seqlens_q=cu,
             host_context_lens=ctx_lens, backend=self.backend, seqs=seqs)
+        if sliding is not None:
+            ctx.sliding = replace(ctx, slot_mapping=staged["sliding_slots"], block_tables=staged["sliding_table"])
         extra = self._model_inputs(scheduled, input_ids)
         if extra:  # generate()'s inputs_embeds / token_type_ids: the model's own forward takes them
             return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c, extra),
@@ -181,6 +190,8 @@ class ModelRunner:
 
     def _run(self, forward, ctx: ForwardContext) -> torch.Tensor:
         ctx.backend.prepare(ctx)  # every piece of per-forward metadata, before any layer runs
+        if ctx.sliding is not None:
+            ctx.backend.prepare(ctx.sliding)
         ctx.cache.ctx = ctx
         try:
             with engine_forward(ctx):

@@ -60,6 +60,10 @@ class Scheduler:
         self.on_import: Callable[[Request], None] | None = None
         # copy-on-write of a prompt's last partial block: on_copy(src block, dst block) copies its K/V
         self.on_copy: Callable[[int, int], None] | None = None
+        # a cache whose sliding layers release blocks (cache/sliding.py): how many blocks of a prefix hit a new
+        # request can take (it then holds them), and how many requests may run at once
+        self.on_prefix_hit: Callable[[Request, list[int]], int] | None = None
+        self.max_running: int | None = None
 
     # -- queue management -----------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -139,7 +143,8 @@ class Scheduler:
             i += 1
 
         producing: set[bytes] | None = None
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        max_running = self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
+        while self.waiting and budget > 0 and len(self.running) < max_running and not out.preempted:
             req = self.waiting[0]
             imported = req.num_imported
             if imported and req.num_computed == 0 and not req.block_ids:
@@ -160,6 +165,11 @@ class Scheduler:
                     if hashes[hit] in producing:
                         break  # a running prefill is computing this prefix: wait for it, do not compute it twice
                 cached = self.pool.match_prefix(hashes)
+                if cached and self.on_prefix_hit is not None:
+                    keep = self.on_prefix_hit(req, cached)
+                    if keep < len(cached):
+                        self.pool.free(reversed(cached[keep:]))
+                        del cached[keep:]
                 req.block_ids = cached
                 req.num_computed = len(cached) * self.block_size
                 self._copy_partial_block(req)

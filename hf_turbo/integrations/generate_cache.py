@@ -71,6 +71,8 @@ def importable_reason(cache, engine, batch: int, width: int) -> str | None:
     """Why ``cache`` cannot be continued on the engine (None if it can): it must be a transformers
     ``Cache`` whose every layer holds plain K/V ``[batch, H_kv, c, D]`` for the same ``c`` < ``width``
     columns (a sliding-window layer that dropped columns cannot be replayed)."""
+    if engine.cache.sliding is not None:
+        return "the engine's sliding layers release blocks (CacheConfig.sliding_release)"
     layers = getattr(cache, "layers", None)
     if not layers or len(layers) != engine.cache.num_layers:
         return "past_key_values (not a per-layer K/V cache of this model)"

@@ -99,7 +99,8 @@ def _engine_attention(module, query, key, value, ctx, layer, scaling, sliding_wi
         raise ValueError(f"{type(module).__name__} combines attention sinks with softcap, which hf_turbo's attention "
                          "does not implement")
     q = query[0].transpose(0, 1).contiguous()  # [1, H, T, D] -> [T, H, D]
-    ctx = ctx.on(q.device)  # a layer of a model split over devices: the forward's metadata on its device
+    # a releasing sliding layer's own tables; a layer of a model split over devices: the metadata on its device
+    ctx = ctx.for_layer(layer).on(q.device)
     out = ctx.backend.attend(ctx, layer, q, scale=scaling, sliding_window=sliding_window, softcap=softcap,
                              sinks=sinks)
     return out.unsqueeze(0)
