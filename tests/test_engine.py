@@ -249,3 +249,16 @@ def test_stop_strings_and_stop_token_ids():
         assert s2.finish_reason == "stop" and stop_str not in s2.text and free.text.startswith(s2.text)
     finally:
         hf_turbo.restore(model)
+
+
+def test_run_to_completion_refuses_finished_ids():
+    """A request that already finished (or was never added) cannot be waited for: a ValueError, not a loop."""
+    engine = _engine("llama")
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
+    assert len(engine.run_to_completion([rid])[0].token_ids) <= 2
+    with pytest.raises(ValueError, match="request_ids"):
+        engine.run_to_completion([rid])
+    with pytest.raises(ValueError, match="request_ids"):
+        engine.run_to_completion(["never-added"])
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=2))
+    assert engine.run_to_completion([rid])[0].finished  # the engine still serves

@@ -192,3 +192,34 @@ def test_int8_cache_releases_too():
                for i in engine.cache.sliding.layers)
     assert _run(engine, PROMPTS, 32) == kept
     _assert_all_free(engine)
+
+
+def test_padded_decode_steps_map_the_sliding_tables():
+    """The CUDA-graph decode path (engine/graphs.py, run eagerly padded on the CPU) moves the holds and maps the
+    sliding layers' slots and tables into its static buffers: same tokens as the plain engine."""
+    from hf_turbo.engine.graphs import DecodeGraphs
+
+    model = tiny_model("mistral")  # a family with a lean forward (graphs replay only that)
+    prompts = [p[:6] for p in PROMPTS] + [[3]]
+    plain = _run(_engine(model), prompts, 40)
+    engine = _engine(model)
+    engine.runner.graphs = graphs = DecodeGraphs(engine.runner, 8, engine.pool.num_blocks, capture=False)
+    assert _run(engine, prompts, 40) == plain
+    assert graphs.num_eager >= 30
+    _assert_all_free(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_release_with_graphs_equals_keeping_every_block():
+    """On the GPU (Triton kernels, CUDA graphs captured with the sliding tables): the same tokens as an engine that
+    keeps every block, in float32."""
+    model = tiny_model("mistral").cuda()
+    kw = dict(block_size=16, max_num_seqs=8, num_blocks=256, backend="triton")
+    kept = Engine(model, config=hf_turbo.TurboConfig().replace(sliding_release=False, cuda_graphs=False, **kw))
+    want = _run(kept, PROMPTS, 48)
+    engine = Engine(model, config=hf_turbo.TurboConfig().replace(sliding_release=True, cuda_graphs=True, **kw))
+    assert engine.cache.sliding is not None and engine.runner.graphs is not None
+    assert _run(engine, PROMPTS, 48) == want
+    assert engine.runner.graphs.num_replays > 0
+    _assert_all_free(engine)

@@ -352,6 +352,9 @@ class Engine:
     def _run_to_completion(self, request_ids: Sequence[str], on_output=None) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         pending = set(request_ids)
+        unknown = sorted(pending - self.requests.keys())
+        if unknown:  # finished earlier (or never added): stepping would wait for them forever
+            raise ValueError(f"request_ids {unknown[:3]} are not unfinished requests of this engine")
         try:
             while pending:
                 for out in self.step():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -89,12 +90,14 @@ class DecodeGraphs:
         big, wide = self.buckets[-1], self.widths[-1]
         dev = runner.device
         # static buffers, packed by dtype so each step is two host-to-device copies:
-        # int64 [ids | positions | slots] (3 x big); int32 [context lens (big) | table (big x width, row-major)]
-        self.i64 = torch.zeros(3 * big, dtype=torch.int64, device=dev)
-        self.i32 = torch.zeros(big + big * wide, dtype=torch.int32, device=dev)
+        # int64 [ids | positions | slots | sliding slots] (4 x big); int32 [context lens (big) | table (bucket x
+        # width, row-major) | the sliding layers' table (bucket x width)] (a cache that releases sliding blocks)
+        self.sliding = cache.sliding
+        self.i64 = torch.zeros(4 * big, dtype=torch.int64, device=dev)
+        self.i32 = torch.zeros(big + 2 * big * wide, dtype=torch.int32, device=dev)
         pin = dev.type == "cuda"
-        self.host64 = torch.zeros(3 * big, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(big + big * wide, dtype=torch.int32, pin_memory=pin)
+        self.host64 = torch.zeros(4 * big, dtype=torch.int64, pin_memory=pin)
+        self.host32 = torch.zeros(big + 2 * big * wide, dtype=torch.int32, pin_memory=pin)
         self.copied = None  # the event of the last host-to-device copy (CUDA)
         self.cu = torch.arange(big + 1, dtype=torch.int32, device=dev)  # one token per sequence, always
         self.keep = torch.arange(big, dtype=torch.int64, device=dev)  # every row is sampled
@@ -132,8 +135,13 @@ class DecodeGraphs:
         for i, r in enumerate(seqs):
             table[i, :len(r.block_ids)] = r.block_ids
         table[n:, 0] = self.scratch_block
+        if self.sliding is not None:  # the sliding layers' holds moved to this step, their slots and table mapped
+            self.sliding.plan([(r, 1) for r in seqs])
+            mapped = self.sliding.table
+            h64[3 * big:3 * big + bucket] = mapped[slots[:bucket] // bs] * bs + slots[:bucket] % bs
+            h32[big + bucket * width:big + 2 * bucket * width] = mapped[table].reshape(-1)
         self.i64.copy_(self.host64, non_blocking=True)
-        m = big + bucket * width
+        m = big + 2 * bucket * width
         self.i32[:m].copy_(self.host32[:m], non_blocking=True)
         if self.runner.device.type == "cuda":
             self.copied = self.copied or torch.cuda.Event()
@@ -150,6 +158,10 @@ class DecodeGraphs:
             max_seqlen_q=1, max_context_len=max_len, host_cu_seqlens_q=list(range(bucket + 1)),
             host_context_lens=host_lens, backend=cache.backend, seqs=None)
         ctx.meta = self.workspace
+        if self.sliding is not None:
+            at = big + bucket * width
+            ctx.sliding = replace(ctx, slot_mapping=self.i64[3 * big:3 * big + bucket],
+                                  block_tables=self.i32[at:at + bucket * width].view(bucket, width))
         return ctx
 
     def _forward(self, ctx: ForwardContext, bucket: int) -> torch.Tensor:
@@ -210,9 +222,6 @@ def graphs_unavailable(runner, tp_size: int = 1) -> str | None:
         return "TurboConfig.lean_forward is False" if why is None else f"there is no lean forward: {why}"
     if tp_size > 1:
         return f"the model is tensor-parallel ({tp_size} ranks)"
-    if runner.cache.sliding is not None:
-        return ("the cache releases sliding-window blocks (CacheConfig.sliding_release): the sliding layers' "
-                "block tables are remapped every step")
     return None
 
 

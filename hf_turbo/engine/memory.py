@@ -209,9 +209,10 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
             raise ValueError("CacheConfig.sliding_release=True is not supported for a tensor-parallel model")
         return backend, None
     window, layers = max(windows.values()), sorted(windows)
-    bs = cc.block_size
-    num_physical = min(num_blocks, physical_blocks_for(config.max_num_seqs, config.max_num_batched_tokens, window, bs))
-    if max_running_for(num_physical, config.max_num_batched_tokens, window, bs) < 1:
+    bs, budget_tokens = cc.block_size, config.max_num_batched_tokens
+    bound = physical_blocks_for(config.max_num_seqs, budget_tokens, window, bs)
+    num_physical = min(num_blocks, bound)
+    if max_running_for(num_physical, budget_tokens, window, bs) < 1:
         logger.info("sliding-window release off: %d blocks cannot hold one sequence's %d-token window", num_blocks,
                     window)
         return backend, None
@@ -222,15 +223,21 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
         logger.info("CacheConfig.sliding_release: the reference backend instead of the CPU backend (whose "
                     "contiguous rows would keep every position)")
         backend = "reference"
-    full = kv_layout(model.config)[0] - len(layers)
+    num_layers = kv_layout(model.config)[0]
+    full, sliding = num_layers - len(layers), len(layers)
     blocks = num_blocks
-    if grow:
-        max_len = config.max_model_len or model_max_len(model)
-        cap = 2 * config.max_num_seqs * math.ceil(max_len / bs) if max_len else num_blocks
-        # the sliding layers' unused share of every block goes to the full layers (all sliding: one full-length
-        # sequence per running slot)
-        more = len(layers) * (num_blocks - num_physical) // full if full else cap // 2 - num_blocks
-        blocks = max(num_blocks, min(cap, num_blocks + more))
+    max_len = config.max_model_len or model_max_len(model)
+    if grow and max_len:
+        # the budget (num_layers x num_blocks layer-blocks) split so that the full layers' blocks and the sliding
+        # layers' run out together when every running sequence is as long as the model allows
+        per_seq_full, per_seq_window = math.ceil(max_len / bs), physical_blocks_for(1, 0, window, bs)
+        budget = num_layers * num_blocks - sliding * math.ceil(budget_tokens / bs)
+        seqs = max(1, budget // (full * per_seq_full + sliding * per_seq_window))
+        num_physical = min(num_physical, max(physical_blocks_for(seqs, budget_tokens, window, bs),
+                                             physical_blocks_for(1, budget_tokens, window, bs)))
+        cap = 2 * config.max_num_seqs * per_seq_full
+        blocks = (num_layers * num_blocks - sliding * num_physical) // full if full else cap
+        blocks = max(num_blocks, min(cap, blocks))
     logger.info("sliding-window release: layers %s attend within %d tokens; %d blocks for them, %d for the engine "
                 "(%d before)", layers, window, num_physical, blocks, num_blocks)
     return backend, SlidingPlan(window, layers, blocks, num_physical)
