@@ -3,7 +3,8 @@ unpadded one bit for bit (run eagerly on the reference backend, as the CPU runs 
 the scratch block, the pool never handing that block out, fallbacks, and ``TurboConfig.cuda_graphs``.
 
 The ``gpu`` tests capture real CUDA graphs: graph == eager padded step bit for bit at every bucket, padding
-rows never touching live blocks, the fallback outside the buckets, and one host sync per steady decode step.
+rows never touching live blocks, the fallback outside the buckets, and one host sync per steady decode step
+(the eager sampler after the graph, and the sampler inside the graph: engine/graph_sampler.py).
 """
 
 from __future__ import annotations
@@ -236,17 +237,11 @@ def test_graph_fallback_above_the_largest_bucket():
     assert graphs.num_replays == 0 and not graphs.graphs
 
 
-@pytest.mark.gpu
-def test_one_host_sync_per_steady_decode_step():
-    model = _cuda_model(torch.bfloat16)
-    engine = _engine(model, max_num_seqs=8, cuda_graphs=True)
-    for p in _prompts(6):
-        engine.add_request(p, SamplingParams(max_new_tokens=30, min_new_tokens=30))
-    for _ in range(6):  # prefill, then captures
-        engine.step()
+def _sync_counts(engine: Engine, steps: int) -> list[int]:
+    """Host synchronizations of each of the next ``steps`` engine steps (CUDA's sync debug mode)."""
     torch.cuda.synchronize()
     counts = []
-    for _ in range(5):
+    for _ in range(steps):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -255,5 +250,34 @@ def test_one_host_sync_per_steady_decode_step():
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    assert engine.runner.graphs.num_replays >= 5
+    return counts
+
+
+@pytest.mark.gpu
+def test_one_host_sync_per_steady_decode_step():
+    model = _cuda_model(torch.bfloat16)
+    engine = _engine(model, max_num_seqs=8, cuda_graphs=True)
+    for p in _prompts(6):  # min_new_tokens: EOS suppression on the host, so the forward's graph and sample()
+        engine.add_request(p, SamplingParams(max_new_tokens=30, min_new_tokens=30))
+    for _ in range(6):  # prefill, then captures
+        engine.step()
+    counts = _sync_counts(engine, 5)
+    assert engine.runner.graphs.num_replays >= 5 and engine.runner.graphs.sampler is None
     assert counts == [1] * 5, counts  # the sampled tokens' copy, nothing else
+
+
+@pytest.mark.gpu
+def test_one_host_sync_per_sampled_decode_step():
+    """Seeded draws with every filter, sampled inside the graph (engine/graph_sampler.py)."""
+    model = _cuda_model(torch.bfloat16)
+    engine = _engine(model, max_num_seqs=8, cuda_graphs=True)
+    kinds = [dict(), dict(temperature=0.8), dict(temperature=1.0, top_k=5), dict(temperature=1.2, top_p=0.9),
+             dict(temperature=0.9, min_p=0.05), dict(temperature=1.0, top_k=40, top_p=0.8, min_p=0.01)]
+    for i, (p, kw) in enumerate(zip(_prompts(6), kinds)):
+        engine.add_request(p, SamplingParams(max_new_tokens=30, ignore_eos=True, seed=i, **kw))
+    for _ in range(6):  # prefill, then captures
+        engine.step()
+    counts = _sync_counts(engine, 5)
+    sampler = engine.runner.graphs.sampler
+    assert sampler is not None and sampler.failed is None and sampler.num_replays >= 5
+    assert counts == [1] * 5, counts  # the sampled ids' copy, nothing else

@@ -24,6 +24,7 @@ from hf_turbo.engine.attach import attach
 from hf_turbo.engine.bookkeeping import Bookkeeper, StepPlan, plan_step
 from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout, model_tp_size
 from hf_turbo.engine.follower import tensor_parallel
+from hf_turbo.engine.graph_sampler import GraphSampled, sample_in_graph
 from hf_turbo.engine.graphs import decode_graphs
 from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks, plan_sliding_release
 from hf_turbo.engine.request import Request, RequestOutput, check_kv_import
@@ -241,7 +242,9 @@ class Engine:
         self._step_start = time.perf_counter()
         self.grammar.start(plan)  # the constrained rows' masks fill on the CPU while the forward runs
         try:
-            logits = self.runner.execute(plan.sched.scheduled, plan.rows)
+            logits = sample_in_graph(self, plan)  # a plain decode step: forward and sampler on the device
+            if logits is None:
+                logits = self.runner.execute(plan.sched.scheduled, plan.rows)
         except Exception as exc:
             self.book.fail(plan.sched.scheduled, exc)
             raise
@@ -252,7 +255,8 @@ class Engine:
         if not plan.sampled:
             self.scheduler.commit(plan.sched)
             return []
-        result = sample(logits, self.grammar.apply(plan.row_states()), return_scores=True)
+        result = logits.result() if isinstance(logits, GraphSampled) else \
+            sample(logits, self.grammar.apply(plan.row_states()), return_scores=True)
         if self.spec is not None:
             self.spec.observe_step(plan.sched.num_tokens, time.perf_counter() - self._step_start)
         return self.book.postprocess(plan, result, logits)

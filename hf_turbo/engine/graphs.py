@@ -87,6 +87,7 @@ class DecodeGraphs:
         self.num_replays = 0
         self.num_eager = 0
         self.failed: str | None = None  # why capturing failed (then every step runs the plain eager path)
+        self.sampler = None  # the sampler's graphs on these buckets (engine/graph_sampler.py), made on first use
         big, wide = self.buckets[-1], self.widths[-1]
         dev = runner.device
         # static buffers, packed by dtype so each step is two host-to-device copies:

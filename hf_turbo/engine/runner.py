@@ -71,8 +71,7 @@ class ModelRunner:
         [N, V] for all wanted positions in order.
         """
         lean = self.lean if self.lean is not None and self.lean.usable() else None
-        if self.graphs is not None and lean is not None and self.lean_verified and is_decode_only(scheduled, logit_rows) \
-                and not any(getattr(req, "model_inputs", None) for req, _ in scheduled):
+        if self.graph_ready(scheduled, logit_rows):
             logits = self.graphs.run([req for req, _ in scheduled])
             if logits is not None:  # a static buffer on CUDA: the caller gets its own copy
                 return logits.float() if logits.dtype != torch.float32 or not logits.is_cuda else logits.clone()
@@ -140,6 +139,12 @@ class ModelRunner:
         if lean is not None:
             return self._run(lambda c: lean(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()
         return self._run(lambda c: self._model_forward(input_ids, position_ids, logits_to_keep, c), ctx)[0].float()
+
+    def graph_ready(self, scheduled: list[tuple[Request, int]], logit_rows: list[list[int]] | None) -> bool:
+        """Whether ``graphs`` can run this step: a verified lean forward and plain decode rows only."""
+        return self.graphs is not None and self.lean is not None and self.lean.usable() and self.lean_verified \
+            and is_decode_only(scheduled, logit_rows) \
+            and not any(getattr(req, "model_inputs", None) for req, _ in scheduled)
 
     def _context(self, cache: PagedKVCache, slots: list[int], cu: list[int], lens: list[int], table: list[list[int]],
                  max_q: int, seqs: list[Request] | None) -> ForwardContext:

@@ -27,7 +27,7 @@ import torch
 
 from hf_turbo.sampling.workspace import on_device, scratch
 
-__all__ = ["row_keys", "keyed_bits", "keyed_gumbel", "keyed_uniform", "perturbed_argmax"]
+__all__ = ["row_keys", "key_pairs", "keyed_bits", "keyed_gumbel", "keyed_uniform", "perturbed_argmax"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN32 = 0x9E3779B9
@@ -46,13 +46,18 @@ def _signed32(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def row_keys(seeds: Sequence[int], positions: Sequence[int], device: torch.device | str) -> torch.Tensor:
-    """int32 ``[N, 2]`` keys of the rows ``(seeds[i], positions[i])``: one host-to-device copy."""
+def key_pairs(seeds: Sequence[int], positions: Sequence[int]) -> list[tuple[int, int]]:
+    """The two signed 32-bit keys ``(k0, k1)`` of each row ``(seeds[i], positions[i])``, on the host."""
     keys = []
     for seed, pos in zip(seeds, positions):
         z = _splitmix64(_splitmix64(seed & _MASK64) ^ (pos & _MASK64))
         keys.append((_signed32(z & 0xFFFFFFFF), _signed32(z >> 32)))
-    return on_device(keys, torch.int32, device).reshape(-1, 2)
+    return keys
+
+
+def row_keys(seeds: Sequence[int], positions: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """int32 ``[N, 2]`` keys of the rows ``(seeds[i], positions[i])``: one host-to-device copy."""
+    return on_device(key_pairs(seeds, positions), torch.int32, device).reshape(-1, 2)
 
 
 def _mix_shift(x: torch.Tensor, tmp: torch.Tensor, s: int) -> torch.Tensor:
@@ -94,11 +99,13 @@ def keyed_gumbel(keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return _gumbel_from_bits(bits, torch.empty_like(bits))
 
 
-def perturbed_argmax(values: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+def perturbed_argmax(values: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None = None,
+                     reuse: bool = True) -> torch.Tensor:
     """Per row, the token of ``argmax((values - max) + G)`` (ties: the smaller token id). ``ids`` [n, K]: the
     tokens of ``values``' columns; None: the columns are the vocabulary (computed in reused scratch
-    buffers). Subtracting the row's maximum first keeps the noise from vanishing below the ulp of large
-    scores (``4e30 + G == 4e30``); the same operations on the same values give the same token either way."""
+    buffers; ``reuse=False``: in fresh ones, as a CUDA graph capture needs). Subtracting the row's maximum
+    first keeps the noise from vanishing below the ulp of large scores (``4e30 + G == 4e30``); the
+    same operations on the same values give the same token either way."""
     top = values.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
     if ids is not None:
@@ -107,8 +114,11 @@ def perturbed_argmax(values: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor
         return torch.where(score == best, ids, torch.iinfo(torch.long).max).amin(dim=-1)
     n, vocab = values.shape
     vocab_ids = torch.arange(vocab, dtype=torch.int32, device=values.device)
-    bits = keyed_bits(keys, vocab_ids, out=scratch("noise", (n, vocab), torch.int32, values.device),
-                      tmp=(tmp := scratch("noise_tmp", (n, vocab), torch.int32, values.device)))
+    if reuse:
+        out, tmp = (scratch(name, (n, vocab), torch.int32, values.device) for name in ("noise", "noise_tmp"))
+    else:
+        out, tmp = (torch.empty((n, vocab), dtype=torch.int32, device=values.device) for _ in range(2))
+    bits = keyed_bits(keys, vocab_ids, out=out, tmp=tmp)
     noise = _gumbel_from_bits(bits, tmp)
     shifted = torch.sub(values, top, out=tmp.view(torch.float32))  # tmp is free again
     return shifted.add_(noise).argmax(dim=-1)  # argmax: the first maximum

@@ -76,19 +76,22 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[RowState]) -> torch.Ten
     return scores
 
 
-def scale_by_temperature(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+def scale_by_temperature(scores: torch.Tensor, temperature: torch.Tensor, graph_safe: bool = False) -> torch.Tensor:
     """``scores / temperature`` (float32 [n, 1]) as transformers' TemperatureLogitsWarper (dividing by 1.0 is
     exact, so rows at 1.0 match a skipped warper), except where that overflows: a row whose maximum
     divided by its temperature is not finite (temperatures down to the smallest subnormal, or 0 after a
     flush) gets the T -> 0 limit, 0 at its maximal scores and -inf elsewhere, instead of inf - inf = NaN
-    in the softmax. The result lives in a reused scratch buffer (valid until the next call)."""
-    out = scratch("scaled", tuple(scores.shape), torch.float32, scores.device)
+    in the softmax. The result lives in a reused scratch buffer (valid until the next call); ``graph_safe``: in
+    a fresh tensor, with no host decision (what a CUDA graph capture needs; the same values)."""
+    shape = tuple(scores.shape)
+    out = torch.empty(shape, dtype=torch.float32, device=scores.device) if graph_safe \
+        else scratch("scaled", shape, torch.float32, scores.device)
     if scores.device.type == "cuda":
         torch.mul(scores, torch.reciprocal(temperature), out=out)
     else:
         torch.div(scores, temperature, out=out)
     top = scores.amax(dim=-1, keepdim=True)
     bad = ~torch.isfinite(div_like_scalar(top, temperature)) & torch.isfinite(top)
-    if scores.device.type != "cpu" or bool(bad.any()):
+    if graph_safe or scores.device.type != "cpu" or bool(bad.any()):
         out.copy_(torch.where(bad, torch.where(scores == top, 0.0, -math.inf), out))
     return out

@@ -21,7 +21,7 @@ from hf_turbo.sampling.params import RowState
 from hf_turbo.sampling.processors import apply_penalties, scale_by_temperature
 from hf_turbo.sampling.workspace import on_device, scratch
 
-__all__ = ["sample", "process_logits", "SampleResult"]
+__all__ = ["sample", "process_logits", "SampleResult", "needs_processing"]
 
 
 class SampleResult:
@@ -40,7 +40,8 @@ class SampleResult:
         return self._scores[row] if out is None else out
 
 
-def _needs_processing(rows: Sequence[RowState]) -> bool:
+def needs_processing(rows: Sequence[RowState]) -> bool:
+    """Whether a row needs the processors (penalties, bias, EOS suppression, a hook, a grammar mask)."""
     for r in rows:
         p = r.params
         if r.hook is not None or r.mask is not None or p.logit_bias or r.position < p.min_new_tokens and r.eos_ids:
@@ -55,7 +56,7 @@ def sample(logits: torch.Tensor, rows: Sequence[RowState], return_scores: bool =
     """Pick one token per row. ``logits`` [N, V] (any float dtype, not modified). Returns int64 [N] on the
     host; with ``return_scores`` a :class:`SampleResult` (tokens plus each row's processed scores)."""
     scores = logits.float()
-    if _needs_processing(rows):
+    if needs_processing(rows):
         if scores is logits:  # the caller keeps its logits (raw logits, logprobs)
             scores = scratch("processed", tuple(logits.shape), torch.float32, logits.device).copy_(logits)
         scores = apply_penalties(scores, rows)

@@ -1,0 +1,124 @@
+"""The sampler inside the decode graph: a decode step whose rows need no host-side work goes from token ids to
+sampled token ids on the device, and the only device-to-host copy of the step is the sampled ids.
+
+:class:`GraphSampler` runs after :class:`~hf_turbo.engine.graphs.DecodeGraphs`' padded forward: the step's
+logits are copied into a static float32 buffer ``[max bucket, V]``, the rows' sampling parameters (temperature,
+top-k/p, min-p, the keyed noise's keys from seed x position) go to static buffers with one non-blocking copy
+per dtype (``sampling/static.py``), and a second CUDA graph, captured per (bucket, mode) (``mode``: greedy,
+keyed draw, which filters; see ``static_mode``), replays :func:`~hf_turbo.sampling.static.sample_static` into a
+static token buffer. On the CPU (``capture=False``) the same ops run eagerly on the padded bucket.
+
+A step qualifies when every row is a plain decode row (``ModelRunner.graph_ready``) and ``static_mode`` finds no
+processor to run, no row asks for logprobs or collected scores and none follows a grammar; any other step
+runs the usual path (graph forward, then the eager ``sample()``). Tokens equal ``sample()``'s bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hf_turbo.engine.bookkeeping import StepPlan
+from hf_turbo.engine.graphs import DecodeGraphs
+from hf_turbo.engine.request import Request
+from hf_turbo.sampling import RowState, SampleResult
+from hf_turbo.sampling.static import StaticRowParams, sample_static, static_mode
+
+__all__ = ["GraphSampler", "GraphSampled", "sample_in_graph"]
+
+logger = logging.getLogger(__name__)
+
+
+class GraphSampled:
+    """A step sampled on the device: ``tokens`` (int64 [n], a view of a static buffer on CUDA: read by
+    :meth:`result` before the next step runs)."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def result(self) -> SampleResult:
+        """The tokens on the host (the step's one device-to-host copy) as a :class:`SampleResult` without scores
+        (no row of such a step asks for them)."""
+        return SampleResult(self.tokens.cpu(), self.tokens, {})
+
+
+class GraphSampler:
+    """Static buffers and lazily captured sampler graphs for ``decode``'s buckets (``vocab`` columns)."""
+
+    def __init__(self, decode: DecodeGraphs, vocab: int) -> None:
+        self.decode = decode
+        big, dev = decode.buckets[-1], decode.runner.device
+        self.params = StaticRowParams(big, vocab, dev)
+        self.scores = torch.zeros(big, vocab, dtype=torch.float32, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.failed: str | None = None  # why capturing failed (then the sampler runs eagerly, still sync-free)
+        self.num_replays = 0
+        self.num_eager = 0
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Request], rows: list[RowState], mode: int) -> torch.Tensor | None:
+        """Sampled tokens (int64 [len(seqs)], on the device) of a decode-only step, or None when the step is
+        outside the decode graphs' buckets and widths (nothing ran)."""
+        shape = self.decode.plan(len(seqs), max(len(r.block_ids) for r in seqs))
+        if shape is None or self.decode.failed is not None:
+            return None
+        logits = self.decode.run(seqs)
+        if logits is None:  # the forward's capture failed just now
+            return None
+        n, bucket = len(seqs), shape[0]
+        self.scores[:n].copy_(logits)  # rows n..bucket keep older finite scores: padding, never read back
+        self.params.fill(rows, bucket)
+        if not self.decode.capture or self.failed is not None:
+            self.num_eager += 1
+            return sample_static(self.scores[:bucket], self.params, mode)[:n]
+        graph = self.graphs.get((bucket, mode))
+        if graph is None:
+            try:
+                graph = self.graphs[(bucket, mode)] = self._capture(bucket, mode)
+            except Exception as exc:  # noqa: BLE001 - an op that cannot be captured: eager from now on
+                self.failed = f"{type(exc).__name__}: {exc}"
+                logger.warning("capturing the sampler failed at batch %d (%s); it runs eagerly", bucket, self.failed)
+                return sample_static(self.scores[:bucket], self.params, mode)[:n]
+        graph[0].replay()
+        self.num_replays += 1
+        return graph[1][:n]
+
+    def _capture(self, bucket: int, mode: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture into the decode graphs' memory pool."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            sample_static(self.scores[:bucket], self.params, mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.decode.pool, capture_error_mode="thread_local"):
+            out = sample_static(self.scores[:bucket], self.params, mode)
+        logger.info("captured the sampler at batch %d, mode %d", bucket, mode)
+        return graph, out
+
+
+def _eligible(plan: StepPlan, rows: list[RowState]) -> int | None:
+    """The step's sampler mode, or None when a row needs the eager sampler or the bookkeeper's logits."""
+    for _, req in plan.sampled:
+        if req.params.logprobs is not None or req.scores is not None or req.grammar is not None:
+            return None
+    return static_mode(rows)
+
+
+def sample_in_graph(engine, plan: StepPlan) -> GraphSampled | None:
+    """Run ``plan``'s forward and sampler on the device when it qualifies (see the module doc); None: it does
+    not, and nothing ran."""
+    runner = engine.runner
+    graphs = runner.graphs
+    scheduled = plan.sched.scheduled
+    if graphs is None or len(plan.sampled) != len(scheduled) or not runner.graph_ready(scheduled, plan.rows):
+        return None
+    rows = plan.row_states()
+    mode = _eligible(plan, rows)
+    if mode is None:
+        return None
+    if graphs.sampler is None:
+        graphs.sampler = GraphSampler(graphs, engine.vocab_size)
+    tokens = graphs.sampler.run([req for req, _ in scheduled], rows, mode)
+    return None if tokens is None else GraphSampled(tokens)
