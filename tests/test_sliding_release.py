@@ -52,7 +52,7 @@ def _assert_all_free(engine):
     assert engine.cache.sliding.num_held == 0
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "cohere2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "cohere2", "olmo3", "exaone4"])
 def test_long_generation_holds_only_the_window(family):
     model = tiny_model(family)
     n = 48  # six windows
