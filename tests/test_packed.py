@@ -131,7 +131,7 @@ def _fixture_engine_vs_stock(budget_ok: bool, monkeypatch) -> Engine:
                              pad_token_id=tok.pad_token_id)
         stock.append(seq[0, len(p):].tolist())
     engine = Engine(model, tok, config=hf_turbo.TurboConfig(debug_checks=True))
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, min_new_tokens=24, ignore_eos=True),
+    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, min_new_tokens=24),  # EOS blocked as stock does
                            use_tqdm=False)
     assert [o.token_ids for o in outs] == stock
     assert engine.runner.lean_verified
