@@ -199,14 +199,14 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
     cc = config.cache
     if cc.sliding_release is False:
         return backend, None
+    if model_tp_size(model) > 1:  # decided before any forward: a forward under TP is a collective on every rank
+        if cc.sliding_release:
+            raise ValueError("CacheConfig.sliding_release=True is not supported for a tensor-parallel model")
+        return backend, None
     windows = attended_windows(model)
     if not windows:
         if cc.sliding_release:
             logger.info("CacheConfig.sliding_release: no layer attends within a sliding window; nothing to release")
-        return backend, None
-    if model_tp_size(model) > 1:
-        if cc.sliding_release:
-            raise ValueError("CacheConfig.sliding_release=True is not supported for a tensor-parallel model")
         return backend, None
     window, layers = max(windows.values()), sorted(windows)
     bs, budget_tokens = cc.block_size, config.max_num_batched_tokens
