@@ -13,8 +13,6 @@ No parameter, buffer or module is touched, so ``state_dict`` never changes.
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 
 import torch

@@ -19,8 +19,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from hf_turbo.backends import Backend, get_backend
-from hf_turbo.backends.kv_quant import (SCALE_DTYPE, dequantize_kv, kv_bytes_per_token_head, storage_dtype,
-                                       write_quantized)
+from hf_turbo.backends.kv_quant import (
+    SCALE_DTYPE,
+    dequantize_kv,
+    kv_bytes_per_token_head,
+    storage_dtype,
+    write_quantized,
+)
 from hf_turbo.cache.sliding import SlidingBlocks
 
 __all__ = ["ForwardContext", "PagedKVCache", "kv_layout"]

@@ -81,6 +81,16 @@ class SlidingBlocks:
         self._pinned: list[tuple[int, int]] = []  # copied blocks, held until the next plan has taken them
         self.copy_layer = None  # copy_layer(physical src, physical dst): the cache copies its sliding pools
 
+    # -- the sliding layers' addresses ---------------------------------------------------------------
+    def map_slots(self, slots: np.ndarray) -> np.ndarray:
+        """Engine slots (``block * block_size + offset``) as the sliding layers' pools address them."""
+        bs = self.block_size
+        return self.table[slots // bs] * bs + slots % bs
+
+    def map_table(self, table: np.ndarray) -> np.ndarray:
+        """Engine block tables as the sliding layers' pools address them (released entries: the scratch block)."""
+        return self.table[table]
+
     # -- what a sequence holds ----------------------------------------------------------------------
     def held(self, req) -> int:
         """How many physical blocks ``req`` holds."""

@@ -65,12 +65,13 @@ def validate_model(model) -> None:
                          "(_supports_attention_backend is False), so hf_turbo cannot install its attention")
 
 
-def _check_packed_forward(model, backend: str) -> None:
+def _check_packed_forward(model, backend: str, windows: dict) -> None:
     """Switch the model to the "hf_turbo" attention after the probe has shown the engine's packed paged
     forward gives the model's own logits (:mod:`hf_turbo.engine.probe`); else put the attention back
-    and raise ValueError saying what differed. Costs about as much as generating 6 tokens."""
+    and raise ValueError saying what differed. Fills ``windows`` (cache layer -> the sliding window its
+    attention ran with). Costs about as much as generating 6 tokens."""
     original_attn = model.config._attn_implementation
-    reason = probe_packed_forward(model, lambda: model.set_attn_implementation(ATTN_NAME), backend)
+    reason = probe_packed_forward(model, lambda: model.set_attn_implementation(ATTN_NAME), backend, windows)
     if reason is not None:
         model.set_attn_implementation(original_attn)
         mtype = getattr(model.config, "model_type", type(model).__name__)
@@ -89,8 +90,9 @@ def attach(model, config: TurboConfig | None = None, *, probe: bool = True) -> T
     cfg = config or TurboConfig()
     state = TurboState(original_attn=model.config._attn_implementation, config=cfg,
                        had_generate_attr="generate" in model.__dict__)
-    if probe:
-        _check_packed_forward(model, cfg.backend)
+    if probe:  # the probe's record of each layer's sliding window is kept for the KV cache's sizing
+        _check_packed_forward(model, cfg.backend, windows := {})
+        state.extras["windows"] = {layer: int(w) for layer, w in windows.items() if w is not None}
     else:
         model.set_attn_implementation(ATTN_NAME)
     setattr(model, STATE_ATTR, state)

@@ -25,7 +25,6 @@ import bisect
 import logging
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from hf_turbo.cache.paged_cache import ForwardContext
@@ -138,9 +137,8 @@ class DecodeGraphs:
         table[n:, 0] = self.scratch_block
         if self.sliding is not None:  # the sliding layers' holds moved to this step, their slots and table mapped
             self.sliding.plan([(r, 1) for r in seqs])
-            mapped = self.sliding.table
-            h64[3 * big:3 * big + bucket] = mapped[slots[:bucket] // bs] * bs + slots[:bucket] % bs
-            h32[big + bucket * width:big + 2 * bucket * width] = mapped[table].reshape(-1)
+            h64[3 * big:3 * big + bucket] = self.sliding.map_slots(slots[:bucket])
+            h32[big + bucket * width:big + 2 * bucket * width] = self.sliding.map_table(table).reshape(-1)
         self.i64.copy_(self.host64, non_blocking=True)
         m = big + 2 * bucket * width
         self.i32[:m].copy_(self.host32[:m], non_blocking=True)

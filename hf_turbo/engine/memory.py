@@ -160,13 +160,17 @@ def num_kv_blocks(model, config: TurboConfig, extra_bytes_per_block: int = 0) ->
         blocks = max(1, cuda_kv_budget(model, cc.gpu_memory_fraction, tokens) // per_block)
     else:
         blocks = max(1, cc.cpu_kv_bytes // per_block)
-    # A small model on a big card would get millions of blocks (and a block pool that takes seconds to
-    # build): cap at twice what every running sequence at full length needs; the rest only keeps more
-    # prefix-cache entries alive.
     max_len = config.max_model_len or model_max_len(model)
     if max_len:
-        blocks = min(blocks, 2 * config.max_num_seqs * math.ceil(max_len / cc.block_size))
+        blocks = min(blocks, block_cap(config, max_len))
     return blocks
+
+
+def block_cap(config: TurboConfig, max_len: int) -> int:
+    """The most blocks worth having: twice what every running sequence at full length needs (a small model on a
+    big card would otherwise get millions of blocks, and a block pool that takes seconds to build; past it,
+    blocks only keep more prefix-cache entries alive)."""
+    return 2 * config.max_num_seqs * math.ceil(max_len / config.cache.block_size)
 
 
 def model_max_len(model) -> int | None:
@@ -193,6 +197,7 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
     memory the sliding layers save may buy more engine blocks (not with an explicit block count, a draft
     model's pool of the same count, or layers over several devices)."""
     from hf_turbo.backends import resolve_backend
+    from hf_turbo.engine.attach import state_of
     from hf_turbo.engine.distributed import model_tp_size
     from hf_turbo.engine.probe import attended_windows
 
@@ -203,7 +208,8 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
         if cc.sliding_release:
             raise ValueError("CacheConfig.sliding_release=True is not supported for a tensor-parallel model")
         return backend, None
-    windows = attended_windows(model)
+    state = state_of(model)  # the attach probe's record, else one short forward to read it
+    windows = state.extras["windows"] if state is not None and "windows" in state.extras else attended_windows(model)
     if not windows:
         if cc.sliding_release:
             logger.info("CacheConfig.sliding_release: no layer attends within a sliding window; nothing to release")
@@ -235,7 +241,7 @@ def plan_sliding_release(model, config: TurboConfig, num_blocks: int, backend: s
         seqs = max(1, budget // (full * per_seq_full + sliding * per_seq_window))
         num_physical = min(num_physical, max(physical_blocks_for(seqs, budget_tokens, window, bs),
                                              physical_blocks_for(1, budget_tokens, window, bs)))
-        cap = 2 * config.max_num_seqs * per_seq_full
+        cap = block_cap(config, max_len)
         blocks = (num_layers * num_blocks - sliding * num_physical) // full if full else cap
         blocks = max(num_blocks, min(cap, blocks))
     logger.info("sliding-window release: layers %s attend within %d tokens; %d blocks for them, %d for the engine "

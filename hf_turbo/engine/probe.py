@@ -127,7 +127,7 @@ def _packed_logits(model, seqs: list[list[int]], device, dtype, backend: str, wi
     return out
 
 
-def probe_packed_forward(model, switch_attention, backend: str = "auto") -> str | None:
+def probe_packed_forward(model, switch_attention, backend: str = "auto", windows: dict | None = None) -> str | None:
     """Run ``model`` stock and as the engine runs it on a few tokens; None if they agree, else why not.
 
     ``switch_attention()`` is called between the two runs and must make the model use the "hf_turbo"
@@ -148,7 +148,8 @@ def probe_packed_forward(model, switch_attention, backend: str = "auto") -> str 
             return f"its stock forward raised {type(exc).__name__} on a {len(seqs[0]) - 1}-token prompt: {exc}"
         switch_attention()
         try:
-            packed = _packed_logits(model, seqs, device, dtype, backend, packed_windows := {})
+            packed_windows = {} if windows is None else windows  # the caller may keep what each layer attended with
+            packed = _packed_logits(model, seqs, device, dtype, backend, packed_windows)
         except Exception as exc:  # noqa: BLE001 - any failure means: the engine cannot run this model
             logger.debug("packed probe forward failed", exc_info=True)
             return f"the packed paged forward raised {type(exc).__name__}: {str(exc)[:200]}"

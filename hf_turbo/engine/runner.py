@@ -118,9 +118,8 @@ class ModelRunner:
         sliding = self.cache.sliding
         if sliding is not None:  # the sliding layers' own blocks: holds moved to this step's windows, ids mapped
             sliding.plan(scheduled)
-            slot_arr = np.asarray(slots, dtype=np.int64)
-            parts["sliding_slots"] = (sliding.table[slot_arr // bs] * bs + slot_arr % bs, torch.int64)
-            parts["sliding_table"] = (sliding.table[np.asarray(table, dtype=np.int64)], torch.int32)
+            parts["sliding_slots"] = (sliding.map_slots(np.asarray(slots, dtype=np.int64)), torch.int64)
+            parts["sliding_table"] = (sliding.map_table(np.asarray(table, dtype=np.int64)), torch.int32)
         staged = self.staging.stage(parts)
         input_ids, position_ids, logits_to_keep = staged["ids"][None], staged["pos"][None], staged["keep"]
         ctx = ForwardContext(

@@ -35,7 +35,7 @@ import torch
 
 from hf_turbo.sampling.workspace import on_device, scratch
 
-__all__ = ["reference_filter", "candidate_filter", "Candidates"]
+__all__ = ["reference_filter", "candidate_filter", "Candidates", "mask_below_kth", "mask_min_p", "mask_top_p"]
 
 _U = 2.0 ** -24
 _NEG_INF = -math.inf
@@ -49,28 +49,44 @@ def reference_filter(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[floa
                      min_p: Sequence[float]) -> torch.Tensor:
     """Transformers' TopK, TopP and MinP warpers on the rows of ``x`` [n, V] (each row its own parameters;
     0 / 1.0 / 0.0 turn one off); returns the masked scores."""
-    n, vocab = x.shape
-    device = x.device
+    vocab, device = x.shape[1], x.device
     if any(k > 0 for k in top_k):
         kmax = min(max(top_k), vocab)
-        vals = torch.topk(x, kmax).values
         ks = on_device([min(k, vocab) - 1 if k > 0 else 0 for k in top_k], None, device).reshape(-1, 1)
-        kth = vals.gather(1, ks)
-        kth = torch.where(_col([k > 0 for k in top_k], torch.bool, device), kth, _NEG_INF)
-        x = x.masked_fill(x < kth, _NEG_INF)
+        x = mask_below_kth(x, torch.topk(x, kmax).values.gather(1, ks), _col([k > 0 for k in top_k], torch.bool,
+                                                                             device))
     if any(p < 1.0 for p in top_p):
-        sorted_logits, sorted_idx = torch.sort(x, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= _col([1 - p for p in top_p], torch.float32, device)
-        remove &= _col([p < 1.0 for p in top_p], torch.bool, device)
-        remove[..., -1:] = False
-        x = x.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+        x = mask_top_p(x, _col([1 - p for p in top_p], torch.float32, device),
+                       _col([p < 1.0 for p in top_p], torch.bool, device))
     if any(m > 0.0 for m in min_p):
-        probs = torch.softmax(x, dim=-1)
-        remove = probs < _col(min_p, torch.float32, device) * probs.amax(dim=-1, keepdim=True)
-        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
-        x = x.masked_fill(remove, _NEG_INF)
+        x = mask_min_p(x, _col(min_p, torch.float32, device))
     return x
+
+
+def mask_below_kth(x: torch.Tensor, kth: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Top-k as transformers' warper: scores below each row's ``kth`` value [n, 1] become -inf, in the rows
+    where ``on`` [n, 1] (bool) holds."""
+    return x.masked_fill(x < torch.where(on, kth, _NEG_INF), _NEG_INF)
+
+
+def mask_top_p(x: torch.Tensor, threshold: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Top-p as transformers' warper: ascending, the tokens whose cumulative probability is at most
+    ``threshold`` [n, 1] (float32 ``1 - top_p``) become -inf (never the last), in the rows where ``on`` holds."""
+    sorted_logits, sorted_idx = torch.sort(x, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= threshold
+    remove &= on
+    remove[..., -1:] = False
+    return x.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+
+
+def mask_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Min-p as transformers' warper: tokens below ``min_p`` [n, 1] times the row's top probability become -inf
+    (never the top one)."""
+    probs = torch.softmax(x, dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
+    return x.masked_fill(remove, _NEG_INF)
 
 
 @dataclass

@@ -19,11 +19,11 @@ removes nothing when its flag is off, min-p at 0 removes ``p < 0``: nothing), an
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from hf_turbo.sampling.filters import mask_below_kth, mask_min_p, mask_top_p
 from hf_turbo.sampling.noise import key_pairs, perturbed_argmax
 from hf_turbo.sampling.params import RowState
 from hf_turbo.sampling.processors import scale_by_temperature
@@ -109,21 +109,11 @@ class StaticRowParams:
 def _filter(x: torch.Tensor, v: dict[str, torch.Tensor], mode: int) -> torch.Tensor:
     """``reference_filter``'s ops on every row, each row's own parameters from the static buffers."""
     if mode & MODE_TOP_K:
-        kth = torch.sort(x, descending=True).values.gather(1, v["kidx"])
-        kth = torch.where((v["flags"] & 2) != 0, kth, -math.inf)
-        x = x.masked_fill(x < kth, -math.inf)
+        x = mask_below_kth(x, torch.sort(x, descending=True).values.gather(1, v["kidx"]), (v["flags"] & 2) != 0)
     if mode & MODE_TOP_P:
-        sorted_logits, sorted_idx = torch.sort(x, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= v["thr"]
-        remove &= (v["flags"] & 4) != 0
-        remove[..., -1:] = False
-        x = x.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
+        x = mask_top_p(x, v["thr"], (v["flags"] & 4) != 0)
     if mode & MODE_MIN_P:
-        probs = torch.softmax(x, dim=-1)
-        remove = probs < v["min_p"] * probs.amax(dim=-1, keepdim=True)
-        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
-        x = x.masked_fill(remove, -math.inf)
+        x = mask_min_p(x, v["min_p"])
     return x
 
 
