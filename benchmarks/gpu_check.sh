@@ -22,9 +22,9 @@ if [[ $E2E == 1 ]]; then
   echo; echo "== end to end on CUDA: tests/test_gpu.py"
   (cd "$REPO" && "$PY" -m pytest -m gpu -q -s -p no:cacheprovider tests/test_gpu.py tests/test_layer_split.py 2>&1 \
     | grep -E "rows:|plain forward|seeded request|tokens before|passed|failed|Error|error|FAILED|assert") || rc=1
-  echo; echo "== CUDA graphs: tests/test_graphs.py tests/test_graph_sampler.py tests/test_sliding_release.py -m gpu"
+  echo; echo "== CUDA graphs: tests/test_graphs.py tests/test_graph_sampler.py tests/test_sliding_release.py tests/test_lookahead.py -m gpu"
   (cd "$REPO" && "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs.py tests/test_graph_sampler.py \
-    tests/test_sliding_release.py 2>&1 | tail -5) || rc=1
+    tests/test_sliding_release.py tests/test_lookahead.py 2>&1 | tail -5) || rc=1
   echo; echo "== hf-turbo bench --quick on CUDA (fixture model, bf16)"
   (cd "$REPO" && "$PY" -m hf_turbo.cli bench --quick --device cuda --dtype bfloat16) || rc=1
   echo; echo "== benchmarks/gpu_e2e.py: 8B and 1B shapes, bf16"

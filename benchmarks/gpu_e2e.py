@@ -7,7 +7,8 @@ Per shape (``hf_turbo/bench/shapes``, no download): decode tok/s at each batch s
 prompt per row, measured as (B x N) / (t(1 + N new tokens) - t(1 new token)) so prefill cancels out, and an
 offline run of ``--requests`` requests. Paths, in one run on one model: stock ``generate()`` on padded
 batches, transformers' continuous batching (``generate_batch``'s manager; its CUDA graphs asked for where
-its config has ``use_cuda_graph``), and hf_turbo's Engine with CUDA graphs on and off. Each decode row has
+its config has ``use_cuda_graph``), and hf_turbo's Engine with CUDA graphs on (with async scheduling, its
+default there; ``turbo_graphs_sync`` without it, decode rows only) and off. Each decode row has
 its share of the memory roofline: B / ((weight bytes + KV bytes read per step) / measured copy bandwidth).
 """
 
@@ -31,7 +32,7 @@ from hf_turbo.bench.shapes import build
 from hf_turbo.bench.workloads import Workload
 from hf_turbo.cache.paged_cache import kv_layout
 
-PATH_NAMES = ("stock", "hf_cb", "turbo_graphs", "turbo_eager")
+PATH_NAMES = ("stock", "hf_cb", "turbo_graphs", "turbo_graphs_sync", "turbo_eager")
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -90,6 +91,19 @@ def _roofline_share(model, batch: int, context: float, tok_s: float, gbps: float
     return tok_s / (batch / floor_s)
 
 
+def _offline_row(name: str, label: str, path: str, engine, ctx, offline, offline_new, args, device) -> tuple:
+    try:
+        if engine is None:
+            workload = Workload("offline", "gpu_e2e", tuple(map(tuple, offline)), tuple(offline_new))
+            fn = bench_paths.hf_padded if path == "stock" else bench_paths.hf_cb
+            seconds = fn(dataclasses.replace(ctx, max_batch=max(args.batches)), workload).seconds
+        else:
+            seconds = _run_turbo(engine, offline, offline_new, device)
+        return name, label, f"offline {len(offline)} req", sum(offline_new) / seconds, None, ""
+    except bench_paths.PathUnavailable as exc:
+        return name, label, f"offline {len(offline)} req", None, None, str(exc)
+
+
 def bench_shape(name: str, args, device: torch.device, dtype: torch.dtype, gbps: float) -> list[tuple]:
     model, words = build(name, dtype, device, num_layers=args.layers)
     vocab = model.config.vocab_size
@@ -104,12 +118,13 @@ def bench_shape(name: str, args, device: torch.device, dtype: torch.dtype, gbps:
     for path in PATH_NAMES:
         engine = None
         if path.startswith("turbo"):
-            graphs = path == "turbo_graphs" and device.type == "cuda"
-            config = TurboConfig(max_num_seqs=max(args.batches), max_model_len=max_len, cuda_graphs=graphs)
+            graphs = path.startswith("turbo_graphs") and device.type == "cuda"
+            config = TurboConfig(max_num_seqs=max(args.batches), max_model_len=max_len, cuda_graphs=graphs,
+                                 async_scheduling=False if path == "turbo_graphs_sync" else None)
             engine = Engine(model, config=config.replace(enable_prefix_caching=False))
         with _cb_graphs(device) as cb_note:
             label = f"hf_cb ({cb_note})" if path == "hf_cb" else path
-            if path == "turbo_graphs" and device.type != "cuda":
+            if path.startswith("turbo_graphs") and device.type != "cuda":
                 label += " (no CUDA: eager)"
             for batch in args.batches:
                 prompts = _prompts(batch, args.context, vocab, seed=batch)
@@ -129,16 +144,8 @@ def bench_shape(name: str, args, device: torch.device, dtype: torch.dtype, gbps:
                 tok_s = batch * n_new / max(tn - t1, 1e-9)
                 share = _roofline_share(model, batch, args.context + n_new / 2, tok_s, gbps)
                 rows.append((name, label, f"decode B={batch}", tok_s, share, ""))
-            try:
-                if engine is None:
-                    workload = Workload("offline", "gpu_e2e", tuple(map(tuple, offline)), tuple(offline_new))
-                    fn = bench_paths.hf_padded if path == "stock" else bench_paths.hf_cb
-                    seconds = fn(dataclasses.replace(ctx, max_batch=max(args.batches)), workload).seconds
-                else:
-                    seconds = _run_turbo(engine, offline, offline_new, device)
-                rows.append((name, label, f"offline {len(offline)} req", sum(offline_new) / seconds, None, ""))
-            except bench_paths.PathUnavailable as exc:
-                rows.append((name, label, f"offline {len(offline)} req", None, None, str(exc)))
+            if path != "turbo_graphs_sync":  # the async-scheduling comparison has its decode rows only
+                rows.append(_offline_row(name, label, path, engine, ctx, offline, offline_new, args, device))
         if engine is not None:
             engine.close()
             del engine

@@ -123,7 +123,10 @@ class TurboConfig:
     ``HF_TURBO_BACKEND`` overrides it for a whole process. ``cuda_graphs`` replays decode-only steps as
     CUDA graphs (``engine/graphs.py``): None (default) turns them on where they can run (a CUDA model on the
     Triton backend with the lean forward, one process), True asks for them and raises ValueError where they
-    cannot run, False keeps every step eager.
+    cannot run, False keeps every step eager. ``async_scheduling`` queues a plain decode step before the
+    previous one's sampled tokens reach the host (``engine/lookahead.py``; same tokens): None (default) turns it on
+    where decode steps run as CUDA graphs, True wherever the graph sampler takes a step (ValueError with
+    speculation or tensor parallelism), False never.
     """
 
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -136,6 +139,7 @@ class TurboConfig:
     speculative: SpeculativeConfig | None = None
     lean_forward: bool = True
     cuda_graphs: bool | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.cache, CacheConfig):
@@ -153,8 +157,9 @@ class TurboConfig:
         for name in ("debug_checks", "lean_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TurboConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"TurboConfig.cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "async_scheduling"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TurboConfig.{name} must be True, False or None, got {getattr(self, name)!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ValueError(f"TurboConfig.speculative must be a SpeculativeConfig or None, "
                              f"got {type(self.speculative).__name__}")

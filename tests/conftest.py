@@ -35,3 +35,14 @@ def _deterministic_threads():
     # Results must not depend on the thread count; pin it so a failure reproduces.
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def fixture_pair():
+    """The shipped fixture model (3M, trained on the standard library) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_turbo.testing import fixture_path
+
+    path = fixture_path("target")
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)

@@ -12,14 +12,13 @@ import random
 import time
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_turbo.backends.cpu import vmem
 from hf_turbo.engine import AsyncEngine, EngineOverloaded, StreamOutput
 from hf_turbo.engine.detokenizer import IncrementalDetokenizer
 from hf_turbo.engine.engine import Engine
 from hf_turbo.sampling import SamplingParams
-from hf_turbo.testing import fixture_path, tiny_model
+from hf_turbo.testing import tiny_model
 
 TIMEOUT = 60.0
 MULTIBYTE = "héllo wörld ✓ 日本語 ça va? ünïcødé €"
@@ -32,12 +31,6 @@ def run(coro, timeout: float = TIMEOUT):
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def fixture_pair():
-    path = fixture_path("target")
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
 def reference(model, prompts, params, tokenizer=None, **overrides):

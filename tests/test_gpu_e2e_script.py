@@ -22,6 +22,7 @@ def test_gpu_e2e_script_on_cpu():
     runs = {(row.split("|")[2].strip().split(" (")[0], row.split("|")[3].strip()) for row in table}
     expected = {(p, r) for p in ("stock", "hf_cb", "turbo_graphs", "turbo_eager")
                 for r in ("decode B=1", "decode B=2", "offline 6 req")}
+    expected |= {("turbo_graphs_sync", r) for r in ("decode B=1", "decode B=2")}  # async scheduling off
     assert runs == expected, out
     for row in table:
         cells = [c.strip() for c in row.split("|")]

@@ -184,7 +184,7 @@ def test_sample_in_graph_declines_without_graphs_and_outside_buckets():
     engine.runner.graphs = graphs = DecodeGraphs(engine.runner, 4, engine.pool.num_blocks, capture=False)
     out = sample_in_graph(engine, plan)
     assert isinstance(out, GraphSampled) and out.tokens.shape == (3,) and graphs.sampler.num_eager == 1
-    engine._postprocess(plan, out)
+    engine.postprocess(plan, out)
     engine.check_invariants()
 
 

@@ -31,8 +31,9 @@ def _prompts(n: int) -> list[list[int]]:
 
 def _engine(model, max_num_seqs: int = 8, **kw) -> Engine:
     backend = "triton" if next(model.parameters()).is_cuda else "reference"
+    # async scheduling off: these tests schedule and run steps by hand (engine/lookahead.py has its own tests)
     config = TurboConfig(backend=backend, max_num_seqs=max_num_seqs, debug_checks=True,
-                         cuda_graphs=kw.pop("cuda_graphs", False))
+                         cuda_graphs=kw.pop("cuda_graphs", False), async_scheduling=kw.pop("async_scheduling", False))
     kw.setdefault("num_blocks", 256)  # explicit: on CUDA, sizing from free memory would see earlier engines' pools
     return Engine(model, config=config.replace(block_size=BS, **kw))
 
@@ -134,7 +135,7 @@ def test_padded_step_equals_unpadded_and_writes_only_the_scratch_block(n):
         assert _same_bits(now[:scratch], before[:scratch])
         if graphs.plan(n, 3)[0] > n:
             assert not torch.isnan(now[scratch, 0]).any()  # the padding rows' slot
-    engine._postprocess(plan, padded)
+    engine.postprocess(plan, padded)
     engine.check_invariants()
 
 
@@ -212,7 +213,7 @@ def test_graph_equals_eager_padded_step_at_every_bucket(dtype):
             assert torch.equal(graphed, eager) and torch.equal(again, eager), (bucket, n)
             for b, now in zip(before, engine.cache.key_pools + engine.cache.value_pools):
                 assert _same_bits(now[:scratch], b[:scratch]), "a padding row wrote a live block"
-            engine._postprocess(plan, again)
+            engine.postprocess(plan, again)
 
 
 @pytest.mark.gpu

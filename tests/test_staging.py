@@ -55,3 +55,21 @@ def test_buffers_grow_for_a_bigger_step():
     _check(staged, big)
     small = _parts(2, 2)
     _check(staging.stage(small), small)
+
+
+def test_host_mirror_alternates_and_copies_what_was_written():
+    """backends/mirror.py: two host copies in turn (a step writes one while the other's copy may be queued)."""
+    from hf_turbo.backends.mirror import HostMirror
+
+    device = torch.zeros(6, dtype=torch.int64)
+    mirror = HostMirror(device)
+    first = mirror.begin()
+    first[:] = [1, 2, 3, 4, 5, 6]
+    mirror.push(4)
+    assert device.tolist() == [1, 2, 3, 4, 0, 0]  # only the first n values
+    second = mirror.begin()
+    assert second.ctypes.data != first.ctypes.data
+    second[:] = 9
+    mirror.push()
+    assert device.tolist() == [9] * 6 and first.tolist() == [1, 2, 3, 4, 5, 6]  # the first copy untouched
+    assert mirror.begin().ctypes.data == first.ctypes.data  # and then the first again

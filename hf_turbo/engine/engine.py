@@ -26,8 +26,9 @@ from hf_turbo.engine.distributed import agree_num_blocks, local_kv_layout, model
 from hf_turbo.engine.follower import tensor_parallel
 from hf_turbo.engine.graph_sampler import GraphSampled, sample_in_graph
 from hf_turbo.engine.graphs import decode_graphs
+from hf_turbo.engine.lookahead import Launch, lookahead_for
 from hf_turbo.engine.memory import layer_devices, model_max_len, num_kv_blocks, plan_sliding_release
-from hf_turbo.engine.request import Request, RequestOutput, check_kv_import
+from hf_turbo.engine.request import Request, RequestOutput, check_kv_import, encode_prompt, eos_ids
 from hf_turbo.engine.runner import ModelRunner
 from hf_turbo.engine.scheduler import Scheduler
 from hf_turbo.engine.sliding_wiring import sliding_blocks, wire_sliding
@@ -41,15 +42,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Engine", "num_kv_blocks"]
 
 PromptType = str | Sequence[int]
-
-
-def _eos_ids(model) -> tuple[int, ...]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
 
 
 class Engine:
@@ -77,7 +69,7 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() \
             is not None else model.config.vocab_size
         self.max_model_len = config.max_model_len or model_max_len(model)
-        self.eos_ids = _eos_ids(model)
+        self.eos_ids = eos_ids(model)
         draft_bytes = 0 if draft is None else PagedKVCache.bytes_per_block(draft.config, config.cache.block_size,
                                                                            next(draft.parameters()).dtype)
         nblocks = agree_num_blocks(model, num_kv_blocks(model, config, draft_bytes))
@@ -114,28 +106,11 @@ class Engine:
         self.num_prompt_tokens = 0
         self.scheduler.on_copy = self.cache.copy_block  # copy-on-write of a shared prompt's last block
         self.tp = tensor_parallel(self)  # None, or this rank's part in a tensor-parallel group
+        self.lookahead = lookahead_for(self)  # async scheduling: step N+1 queued before step N's tokens are known
         logger.info("Engine: %d KV blocks of %d tokens (%s, KV %s, %s, %s backend)", nblocks, config.cache.block_size,
                     param.dtype, config.cache.kv_dtype, self.device, self.backend.name)
 
     # -- requests -------------------------------------------------------------------------------
-    def _encode(self, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt is a string but the Engine has no tokenizer; pass token ids")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, torch.Tensor):
-            ids = prompt.reshape(-1).tolist()
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty: it must hold at least one token")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
-                raise ValueError(f"prompt token ids must be integers, got {t!r}")
-            if t < 0 or t >= self.vocab_size:
-                raise ValueError(f"prompt token id {t} is out of the vocabulary [0, {self.vocab_size})")
-        return ids
-
     def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
                     request_id: str | None = None, *, stop_checker=None, collect_scores: bool = False,
                     logits_hook=None, on_finish=None, kv_import=None, model_inputs=None) -> str:
@@ -160,7 +135,7 @@ class Engine:
                 request_id = f"req-{next(self._ids)}"
         elif request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = self._encode(prompt)
+        ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         validate_vocab(params, self.vocab_size)
         total = len(ids) + params.max_new_tokens
         if self.max_model_len is not None and total > self.max_model_len:
@@ -212,21 +187,28 @@ class Engine:
         """
         return self.finish_step(self.launch_step())
 
-    def launch_step(self) -> tuple[StepPlan, torch.Tensor] | None:
+    def launch_step(self) -> tuple[StepPlan, torch.Tensor] | Launch | None:
         """The first half of :meth:`step`: schedule and queue the forward (on CUDA it runs while this returns).
         The caller may do host work (stream the previous step's outputs) before :meth:`finish_step`, but must
-        not add, abort or step in between."""
-        plan = self._schedule()
-        if plan is None:
-            return None
-        return plan, self._run(plan)
+        not add, abort or step in between. With async scheduling (``engine/lookahead.py``) the step may be
+        queued before the previous one's tokens are known; :meth:`finish_step` then returns that one's outputs."""
+        if self.lookahead is not None:
+            return self.lookahead.launch()
+        return self.launch_plain()
 
-    def finish_step(self, launched: tuple[StepPlan, torch.Tensor] | None) -> list[RequestOutput]:
+    def launch_plain(self, plan: StepPlan | None = None) -> tuple[StepPlan, torch.Tensor] | None:
+        """Schedule (unless ``plan`` is given) and queue one step once every earlier step's tokens are known."""
+        plan = self._schedule() if plan is None else plan
+        return None if plan is None else (plan, self._run(plan))
+
+    def finish_step(self, launched: tuple[StepPlan, torch.Tensor] | Launch | None) -> list[RequestOutput]:
         """The second half of :meth:`step`: sample (the step's one wait for the device) and apply the tokens."""
+        if isinstance(launched, Launch):
+            return self._after_step(self.lookahead.finish(launched))
         if launched is None:
             return []
         plan, logits = launched
-        return self._after_step(self._postprocess(plan, logits))
+        return self._after_step(self.postprocess(plan, logits))
 
     def _schedule(self) -> StepPlan | None:
         if self.spec is not None:
@@ -251,7 +233,8 @@ class Engine:
         self.num_steps += 1
         return logits
 
-    def _postprocess(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestOutput]:
+    def postprocess(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample ``plan``'s rows from ``logits`` (or take a :class:`GraphSampled` step's tokens), apply them."""
         if not plan.sampled:
             self.scheduler.commit(plan.sched)
             return []
@@ -389,6 +372,7 @@ class Engine:
             "prefix_cache_hits": pool.prefix_hits,
             "prefix_cache_hit_rate": pool.prefix_hits / pool.prefix_queries if pool.prefix_queries else 0.0,
             "steps": self.num_steps,
+            "steps_launched_ahead": 0 if self.lookahead is None else self.lookahead.num_ahead,
             "generated_tokens": self.book.num_generated_tokens,
             **(self.spec.stats() if self.spec is not None else SpecDecoder.idle_stats()),
             **self.grammar.stats(),

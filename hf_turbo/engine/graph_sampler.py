@@ -20,7 +20,7 @@ import logging
 import torch
 
 from hf_turbo.engine.bookkeeping import StepPlan
-from hf_turbo.engine.graphs import DecodeGraphs
+from hf_turbo.engine.graphs import DecodeGraphs, DeviceIds
 from hf_turbo.engine.request import Request
 from hf_turbo.sampling import RowState, SampleResult
 from hf_turbo.sampling.static import StaticRowParams, sample_static, static_mode
@@ -57,13 +57,14 @@ class GraphSampler:
         self.num_eager = 0
 
     @torch.inference_mode()
-    def run(self, seqs: list[Request], rows: list[RowState], mode: int) -> torch.Tensor | None:
+    def run(self, seqs: list[Request], rows: list[RowState], mode: int, ids_from: DeviceIds | None = None
+            ) -> torch.Tensor | None:
         """Sampled tokens (int64 [len(seqs)], on the device) of a decode-only step, or None when the step is
-        outside the decode graphs' buckets and widths (nothing ran)."""
+        outside the decode graphs' buckets and widths (nothing ran). ``ids_from``: see ``DecodeGraphs.run``."""
         shape = self.decode.plan(len(seqs), max(len(r.block_ids) for r in seqs))
         if shape is None or self.decode.failed is not None:
             return None
-        logits = self.decode.run(seqs)
+        logits = self.decode.run(seqs, ids_from)
         if logits is None:  # the forward's capture failed just now
             return None
         n, bucket = len(seqs), shape[0]
@@ -106,9 +107,10 @@ def _eligible(plan: StepPlan, rows: list[RowState]) -> int | None:
     return static_mode(rows)
 
 
-def sample_in_graph(engine, plan: StepPlan) -> GraphSampled | None:
+def sample_in_graph(engine, plan: StepPlan, ids_from: DeviceIds | None = None) -> GraphSampled | None:
     """Run ``plan``'s forward and sampler on the device when it qualifies (see the module doc); None: it does
-    not, and nothing ran."""
+    not (nothing ran, unless a capture failed after the step's buffers were filled). ``ids_from``: the input ids
+    are on the device (``DecodeGraphs.run``)."""
     runner = engine.runner
     graphs = runner.graphs
     scheduled = plan.sched.scheduled
@@ -120,5 +122,5 @@ def sample_in_graph(engine, plan: StepPlan) -> GraphSampled | None:
         return None
     if graphs.sampler is None:
         graphs.sampler = GraphSampler(graphs, engine.vocab_size)
-    tokens = graphs.sampler.run([req for req, _ in scheduled], rows, mode)
+    tokens = graphs.sampler.run([req for req, _ in scheduled], rows, mode, ids_from)
     return None if tokens is None else GraphSampled(tokens)

@@ -27,13 +27,17 @@ from dataclasses import replace
 
 import torch
 
+from hf_turbo.backends.mirror import HostMirror
 from hf_turbo.cache.paged_cache import ForwardContext
 from hf_turbo.engine.request import Request
 
-__all__ = ["DecodeGraphs", "decode_graphs", "graph_buckets", "graphs_unavailable", "is_decode_only",
+__all__ = ["DecodeGraphs", "DeviceIds", "decode_graphs", "graph_buckets", "graphs_unavailable", "is_decode_only",
            "width_classes"]
 
 logger = logging.getLogger(__name__)
+
+# a step's input ids already on the device: (tokens [m], the row in them of each sequence); engine/lookahead.py
+DeviceIds = tuple[torch.Tensor, list[int]]
 
 WIDTH_UNIT_TOKENS = 512  # the narrowest table width class, in tokens (the split-K partition size)
 
@@ -89,16 +93,14 @@ class DecodeGraphs:
         self.sampler = None  # the sampler's graphs on these buckets (engine/graph_sampler.py), made on first use
         big, wide = self.buckets[-1], self.widths[-1]
         dev = runner.device
-        # static buffers, packed by dtype so each step is two host-to-device copies:
-        # int64 [ids | positions | slots | sliding slots] (4 x big); int32 [context lens (big) | table (bucket x
-        # width, row-major) | the sliding layers' table (bucket x width)] (a cache that releases sliding blocks)
+        # static buffers, packed by dtype so each step is two host-to-device copies: int64 [ids | positions |
+        # slots | sliding slots | each row's row in the device ids (engine/lookahead.py)] (5 x big); int32
+        # [context lens (big) | table (bucket x width, row-major) | the sliding layers' table (bucket x width)]
+        # (the last part: a cache that releases sliding blocks)
         self.sliding = cache.sliding
-        self.i64 = torch.zeros(4 * big, dtype=torch.int64, device=dev)
+        self.i64 = torch.zeros(5 * big, dtype=torch.int64, device=dev)
         self.i32 = torch.zeros(big + 2 * big * wide, dtype=torch.int32, device=dev)
-        pin = dev.type == "cuda"
-        self.host64 = torch.zeros(4 * big, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(big + 2 * big * wide, dtype=torch.int32, pin_memory=pin)
-        self.copied = None  # the event of the last host-to-device copy (CUDA)
+        self.host64, self.host32 = HostMirror(self.i64), HostMirror(self.i32)  # pinned, two in turn
         self.cu = torch.arange(big + 1, dtype=torch.int32, device=dev)  # one token per sequence, always
         self.keep = torch.arange(big, dtype=torch.int64, device=dev)  # every row is sampled
         config = runner.model.config
@@ -114,13 +116,13 @@ class DecodeGraphs:
             return None
         return self.buckets[b], self.widths[w]
 
-    def _fill(self, seqs: list[Request], bucket: int, width: int) -> tuple[list[int], int]:
+    def _fill(self, seqs: list[Request], bucket: int, width: int, ids_from: DeviceIds | None = None
+              ) -> tuple[list[int], int]:
         """Write the padded step into the host mirrors and copy it to the static buffers; returns the
-        context lengths (padding rows' included) and the longest."""
+        context lengths (padding rows' included) and the longest. ``ids_from`` (device tokens, row of each
+        sequence in them): the input ids, gathered on the device after the copy."""
         n, big, bs = len(seqs), self.buckets[-1], self.runner.block_size
-        if self.copied is not None and not self.copied.query():
-            self.copied.synchronize()  # the previous step's copy must have read the mirrors (it ran long ago)
-        h64, h32 = self.host64.numpy(), self.host32.numpy()
+        h64, h32 = self.host64.begin(), self.host32.begin()
         pos = [len(r.token_ids) - 1 for r in seqs]
         ids, slots, pos_pad = h64[:big], h64[2 * big:3 * big], h64[big:2 * big]
         ids[:n] = [r.token_ids[-1] for r in seqs]
@@ -139,13 +141,13 @@ class DecodeGraphs:
             self.sliding.plan([(r, 1) for r in seqs])
             h64[3 * big:3 * big + bucket] = self.sliding.map_slots(slots[:bucket])
             h32[big + bucket * width:big + 2 * bucket * width] = self.sliding.map_table(table).reshape(-1)
-        self.i64.copy_(self.host64, non_blocking=True)
-        m = big + 2 * bucket * width
-        self.i32[:m].copy_(self.host32[:m], non_blocking=True)
-        if self.runner.device.type == "cuda":
-            self.copied = self.copied or torch.cuda.Event()
-            self.copied.record()
+        if ids_from is not None:
+            h64[4 * big:4 * big + n] = ids_from[1]
         host_lens = lens[:bucket].tolist()
+        self.host64.push()
+        self.host32.push(big + 2 * bucket * width)
+        if ids_from is not None:  # stream-ordered after the copy above and before the forward reads the ids
+            self.i64[:n].copy_(ids_from[0].index_select(0, self.i64[4 * big:4 * big + n]))
         return host_lens, max(host_lens)
 
     def _context(self, bucket: int, width: int, host_lens: list[int], max_len: int) -> ForwardContext:
@@ -168,14 +170,15 @@ class DecodeGraphs:
         ids, pos = self.i64[None, :bucket], self.i64[None, big:big + bucket]
         return self.runner._run(lambda c: lean(ids, pos, self.keep[:bucket], c), ctx)[0]  # [bucket, V]
 
-    def run(self, seqs: list[Request]) -> torch.Tensor | None:
+    def run(self, seqs: list[Request], ids_from: DeviceIds | None = None) -> torch.Tensor | None:
         """Logits [len(seqs), V] of a decode-only step (a view of a static buffer on CUDA: read it before
-        the next step), or None when the step is outside the buckets and widths."""
+        the next step), or None when the step is outside the buckets and widths. ``ids_from``: the step's input
+        ids are on the device (``(tokens, row in tokens of each sequence)``), not the sequences' last ids."""
         shape = self.plan(len(seqs), max(len(r.block_ids) for r in seqs))
         if shape is None or self.failed is not None:
             return None
         bucket, width = shape
-        host_lens, max_len = self._fill(seqs, bucket, width)
+        host_lens, max_len = self._fill(seqs, bucket, width, ids_from)
         if not self.capture:
             self.num_eager += 1
             return self._forward(self._context(bucket, width, host_lens, max_len), bucket)[:len(seqs)]

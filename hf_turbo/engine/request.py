@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from hf_turbo.engine.stops import StopStringMatcher
     from hf_turbo.grammar.state import GrammarState
 
-__all__ = ["Request", "RequestStatus", "RequestOutput", "check_kv_import"]
+__all__ = ["Request", "RequestStatus", "RequestOutput", "check_kv_import", "encode_prompt", "eos_ids"]
 
 
 class RequestStatus(enum.Enum):
@@ -168,3 +168,33 @@ def check_kv_import(kv_import, prompt_len: int, cache) -> None:
         if k.dim() != 3 or k.shape != v.shape or k.shape[0] != m:
             raise ValueError(f"kv_import entries must be [m, H_kv, D] pairs of one shape, got {tuple(k.shape)} "
                              f"and {tuple(v.shape)}")
+
+
+def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
+    """A prompt (text, token ids or a tensor of them) as checked token ids; ValueError naming what is wrong."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("prompt is a string but the Engine has no tokenizer; pass token ids")
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    elif isinstance(prompt, torch.Tensor):
+        ids = prompt.reshape(-1).tolist()
+    else:
+        ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt is empty: it must hold at least one token")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ValueError(f"prompt token ids must be integers, got {t!r}")
+        if t < 0 or t >= vocab_size:
+            raise ValueError(f"prompt token id {t} is out of the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def eos_ids(model) -> tuple[int, ...]:
+    """The model's EOS ids (its generation config's, else its config's)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

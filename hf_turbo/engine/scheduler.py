@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from hf_turbo.cache.block_pool import BlockPool
@@ -113,13 +113,23 @@ class Scheduler:
         out.preempted.append(victim)
         logger.debug("preempted %s", victim.request_id)
 
+    @property
+    def running_cap(self) -> int:
+        """How many requests may run at once."""
+        return self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
+
     # -- one step -------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, admit: bool = True, skip: Collection[Request] = ()) -> SchedulerOutput:
+        """This step's work. ``admit=False`` schedules running requests only; ``skip``: running requests left
+        out of this step (they may still be preempted for another's block)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req in skip:
+                i += 1
+                continue
             n = min(req.num_tokens + len(req.spec_tokens) - req.num_computed, budget)
             del req.spec_tokens[max(n - (req.num_tokens - req.num_computed), 0):]  # what the budget left
             need = self._blocks_needed(req, req.num_computed + n)
@@ -143,8 +153,7 @@ class Scheduler:
             i += 1
 
         producing: set[bytes] | None = None
-        max_running = self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
-        while self.waiting and budget > 0 and len(self.running) < max_running and not out.preempted:
+        while admit and self.waiting and budget > 0 and len(self.running) < self.running_cap and not out.preempted:
             req = self.waiting[0]
             imported = req.num_imported
             if imported and req.num_computed == 0 and not req.block_ids:

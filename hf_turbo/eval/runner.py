@@ -21,6 +21,7 @@ import torch
 
 import hf_turbo
 from hf_turbo.config import TurboConfig
+from hf_turbo.engine.request import eos_ids
 from hf_turbo.eval import contract
 from hf_turbo.eval.axes import AXES, GREEDY_ONLY, AxisSkipped, EvalTarget, blocks_for, runs_for_flags, timed
 from hf_turbo.eval.contract import METRIC_PATH
@@ -66,15 +67,8 @@ def _quiet_libraries():
             datasets.enable_progress_bars()
 
 
-def _eos_ids(model) -> tuple[int, ...]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
-
-
 def _pad_id(model, tok) -> int:
-    for value in (getattr(tok, "pad_token_id", None), model.generation_config.pad_token_id, *_eos_ids(model)):
+    for value in (getattr(tok, "pad_token_id", None), model.generation_config.pad_token_id, *eos_ids(model)):
         if value is not None:
             return int(value)
     return 0
@@ -259,7 +253,7 @@ def _eval_one(em: EvalModel, dtype: str, opts: EvalOptions, runs: list[str], use
     bar.update(1)
 
     config = TurboConfig(debug_checks=True).replace(num_blocks=blocks_for(prompts, n_new, 16))
-    target = EvalTarget(model, tok, prompts, n_new, config, pad, _eos_ids(model), em.draft_loader)
+    target = EvalTarget(model, tok, prompts, n_new, config, pad, eos_ids(model), em.draft_loader)
     hf_turbo.accelerate(model, config)
     try:
         return _eval_turbo(em, dtype, opts, runs, target, (stock, topk_ids, topk_gaps, tf_stock), (ids, kinds),

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hf_turbo.backends.mirror import HostMirror
 from hf_turbo.sampling.filters import mask_below_kth, mask_min_p, mask_top_p
 from hf_turbo.sampling.noise import key_pairs, perturbed_argmax
 from hf_turbo.sampling.params import RowState
@@ -57,26 +58,22 @@ class StaticRowParams:
 
     float32 ``[temperature | 1 - top_p | min_p]`` and int32 ``[k0 | k1 | top_k index | flags]`` (``size``
     each); flags: bit 0 greedy, bit 1 top-k on, bit 2 top-p on. :meth:`fill` writes a step's rows (and
-    neutral padding rows up to the bucket) through pinned host mirrors and one non-blocking copy per dtype.
+    neutral padding rows up to the bucket) through pinned host mirrors (two in turn: ``backends/mirror.py``) and
+    one non-blocking copy per dtype.
     """
 
     def __init__(self, size: int, vocab: int, device: torch.device) -> None:
         self.size, self.vocab, self.device = size, vocab, torch.device(device)
-        pin = self.device.type == "cuda"
         self.f32 = torch.zeros(3 * size, dtype=torch.float32, device=self.device)
         self.i32 = torch.zeros(4 * size, dtype=torch.int32, device=self.device)
-        self.host_f32 = torch.zeros(3 * size, dtype=torch.float32, pin_memory=pin)
-        self.host_i32 = torch.zeros(4 * size, dtype=torch.int32, pin_memory=pin)
-        self.copied: torch.cuda.Event | None = None
+        self.host_f32, self.host_i32 = HostMirror(self.f32), HostMirror(self.i32)
 
     def fill(self, rows: Sequence[RowState], bucket: int) -> None:
         """Write ``rows`` (rows ``len(rows)..bucket`` greedy padding) and copy them to the device."""
         n, s = len(rows), self.size
         if n > bucket or bucket > s:
             raise ValueError(f"{n} rows in a bucket of {bucket} (at most {s})")
-        if self.copied is not None and not self.copied.query():
-            self.copied.synchronize()  # the last copy must have read the mirrors (it ran a step ago)
-        f, i = self.host_f32.numpy(), self.host_i32.numpy()
+        f, i = self.host_f32.begin(), self.host_i32.begin()
         temp, thr, min_p = f[:s], f[s:2 * s], f[2 * s:]
         k0, k1, kidx, flags = i[:s], i[s:2 * s], i[2 * s:3 * s], i[3 * s:]
         params = [r.params for r in rows]
@@ -90,11 +87,8 @@ class StaticRowParams:
         flags[:n] = [int(p.greedy) | (2 if p.top_k > 0 else 0) | (4 if p.top_p < 1.0 else 0) for p in params]
         temp[n:bucket], thr[n:bucket], min_p[n:bucket] = 1.0, 0.0, 0.0
         k0[n:bucket], k1[n:bucket], kidx[n:bucket], flags[n:bucket] = 0, 0, 0, 1
-        self.f32.copy_(self.host_f32, non_blocking=True)
-        self.i32.copy_(self.host_i32, non_blocking=True)
-        if self.device.type == "cuda":
-            self.copied = self.copied or torch.cuda.Event()
-            self.copied.record()
+        self.host_f32.push()
+        self.host_i32.push()
 
     def views(self, bucket: int) -> dict[str, torch.Tensor]:
         """The first ``bucket`` rows' parameters as device views (columns ``[bucket, 1]``, keys ``[bucket, 2]``)."""

@@ -122,6 +122,10 @@ class Metrics:
                [("", float(g("prefix_cache_hit_rate", 0.0)))])
         metric("hf_turbo_preemptions_total", "counter", "Requests preempted for KV memory.",
                [("", g("preemptions", 0))])
+        metric("hf_turbo_engine_steps_total", "counter", "Engine steps (forwards) run.", [("", g("steps", 0))])
+        metric("hf_turbo_engine_steps_launched_ahead_total", "counter",
+               "Steps queued before the previous step's tokens reached the host (async scheduling).",
+               [("", g("steps_launched_ahead", 0))])
         ttft = g("time_to_first_token") or {}
         if ttft.get("count"):
             metric("hf_turbo_engine_time_to_first_token_seconds", "summary",
