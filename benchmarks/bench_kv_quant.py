@@ -145,7 +145,7 @@ def scales(args) -> None:
     seqs = [ids[i * args.tf_len:(i + 1) * args.tf_len] for i in range(args.tf_seqs)]
     cfg = TurboConfig().replace(block_size=16)
     base = turbo_logprobs(model, tok, seqs, cfg)
-    _, kv_heads, head_dim = 0, model.config.num_key_value_heads, model.config.head_dim
+    head_dim = model.config.head_dim
     print(f"\n## scales: the fixture (float32, head_dim {head_dim}), teacher-forced, {args.tf_seqs} x {args.tf_len} "
           "tokens, block size 16; |delta log p| per token against the float32 cache")
     print("| kv_dtype | scales per | mean abs delta | max abs delta | bytes per token and head | x float32 |")

@@ -4,8 +4,10 @@ queues step N+1 before step N's tokens reach the host, side by side in one run o
 Per workload: engine steps, the steps launched ahead (and their share of the steps sampled on the device), the
 waits (a step that had to wait for the previous tokens first: an admission, a step the graph sampler cannot
 take), the wall time of each side and their ratio, and whether the tokens are equal. Workloads: an offline
-batch (``--requests`` prompts of 16-200 tokens, 32-128 new tokens each (``--new-tokens``), greedy and seeded top-p draws, at most
-``--max-seqs`` running) and arrivals (a new request every ``--every`` steps while the others decode).
+batch (``--requests`` prompts of 16-200 tokens, 32-128 new tokens each (``--new-tokens``), greedy and seeded
+top-p draws, at most ``--max-seqs`` running), arrivals (a new request every ``--every`` steps while the others
+decode), and the offline batch with a KV pool of 3 x ``--max-seqs`` blocks (at least 24; a queue waits for
+blocks all along).
 
 On the CPU the forward runs before the host goes on, so there is nothing to overlap: the time columns there show
 only what the bookkeeping costs, and the decode steps run through the padded graph path eagerly
@@ -36,11 +38,11 @@ def _workload(n: int, vocab: int, new: tuple[int, int], seed: int) -> tuple[list
     return prompts, params
 
 
-def _engine(model, device: torch.device, ahead: bool, max_seqs: int) -> Engine:
+def _engine(model, device: torch.device, ahead: bool, max_seqs: int, blocks: int | None) -> Engine:
     cuda = device.type == "cuda"
     config = TurboConfig(max_num_seqs=max_seqs, cuda_graphs=cuda, async_scheduling=ahead,
                          backend="triton" if cuda else "reference")
-    engine = Engine(model, config=config.replace(enable_prefix_caching=False))
+    engine = Engine(model, config=config.replace(enable_prefix_caching=False, num_blocks=blocks))
     if not cuda:
         engine.runner.graphs = DecodeGraphs(engine.runner, max_seqs, engine.pool.num_blocks, capture=False)
     return engine
@@ -93,11 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| workload | steps (sync / ahead) | launched ahead | waits | seconds, sync | seconds, ahead | ahead / sync "
           "| tokens equal |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, every in (("offline batch", None), (f"arrivals (one per {args.every} steps)", args.every)):
+    small = max(3 * args.max_seqs, 24)  # 48 tokens a row (the longest request fits): a queue waits for blocks
+    for name, every, blocks in (("offline batch", None, None),
+                                (f"arrivals (one per {args.every} steps)", args.every, None),
+                                (f"offline batch, {small} KV blocks of 16", None, small)):
         prompts, params = _workload(args.requests, vocab, tuple(map(int, args.new_tokens.split(","))), seed=1)
         results = {}
         for ahead in (False, True):
-            engine = _engine(model, device, ahead, args.max_seqs)
+            engine = _engine(model, device, ahead, args.max_seqs, blocks)
             _run(engine, prompts[:4], params[:4], None)  # warm-up: lean check, captures
             before = _counters(engine)
             tokens, seconds = _run(engine, prompts, params, every)

@@ -67,7 +67,8 @@ def accelerate(model, config: TurboConfig | None = None, *, probe: bool = True, 
     model.generate = make_generate(model, get_engine)
     install_pipeline_patch(model)
     state.generate_installed = True
-    path = LeanForward.describe(model) if cfg.lean_forward else "the model's own forward (TurboConfig.lean_forward=False)"
+    path = LeanForward.describe(model) if cfg.lean_forward else \
+        "the model's own forward (TurboConfig.lean_forward=False)"
     logger.info("hf_turbo: accelerated %s; each step runs %s", type(model).__name__, path)
     return model
 

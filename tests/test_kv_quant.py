@@ -120,9 +120,9 @@ def test_cache_edges_dequantize_on_read_and_quantize_on_write(kv_dtype):
 
 # -- accuracy against the float32 cache ---------------------------------------------------------
 # Teacher-forced per-token log-likelihood |int8 - float32 cache| (8 random prompts of 20..59 tokens, block size 16;
-# the test runs the first 4 of them) measured: fixture mean 1.2e-2 max 6.3e-2; llama 1.1e-2 / 5.3e-2; qwen3 8.7e-3 / 3.9e-2; mistral 9.8e-3 /
-# 5.8e-2; gemma2 2.6e-3 / 1.2e-2; phi3 1.0e-2 / 5.9e-2. Greedy exact match with the float32 engine over 16
-# new tokens: 0.88, 0.75, 1.00, 0.62, 0.88, 0.75 of the prompts (the report carries the figures).
+# the test runs the first 4 of them) measured: fixture mean 1.2e-2 max 6.3e-2; llama 1.1e-2 / 5.3e-2; qwen3 8.7e-3 /
+# 3.9e-2; mistral 9.8e-3 / 5.8e-2; gemma2 2.6e-3 / 1.2e-2; phi3 1.0e-2 / 5.9e-2. Greedy exact match with the float32
+# engine over 16 new tokens: 0.88, 0.75, 1.00, 0.62, 0.88, 0.75 of the prompts (the report carries the figures).
 TF_MAX, TF_MEAN = 0.15, 0.03
 
 

@@ -170,6 +170,28 @@ def test_preemption_in_the_ahead_schedule(llama):
     assert sum(preempted_ahead) > 0 and engine.lookahead.num_ahead > 0
 
 
+def test_queue_waiting_for_blocks_does_not_stop_steps_ahead(llama):
+    """More requests than the pool holds: while the queue waits for blocks, the decode steps still go ahead, and
+    admissions (planned ahead, run after the wait) keep the synchronous engine's tokens."""
+    prompts = [[1 + (3 * i + j) % 90 for j in range(30)] for i in range(10)]
+    params = [_params(i, max_new_tokens=20 + 3 * i, ignore_eos=True) for i in range(10)]
+    kw = dict(num_blocks=12, max_num_seqs=8)  # three rows of 30 + 50 tokens at a time
+    sync = [o.token_ids for o in _engine(llama, **kw).generate(prompts, params, use_tqdm=False)]
+    engine = _engine(llama, ahead=True, **kw)
+    queued_ahead = []
+    run_ahead = engine.lookahead._run_ahead
+
+    def watched(plan, cur, rows):
+        sampled = run_ahead(plan, cur, rows)
+        queued_ahead.append(sampled is not None and bool(engine.scheduler.waiting))
+        return sampled
+
+    engine.lookahead._run_ahead = watched
+    assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == sync
+    assert sum(queued_ahead) >= 20  # steps queued ahead while requests waited
+    assert engine.lookahead.num_waits > 0  # the admissions
+
+
 def test_ahead_step_the_graph_sampler_cannot_take_runs_after_the_wait(llama):
     """Tables wider than the widest graph: the step planned ahead runs once the previous tokens are known."""
     prompts = [p[:6] for p in _prompts(5)]
@@ -316,5 +338,5 @@ def test_benchmark_script_runs_and_finds_equal_tokens(capsys):
                        "--new-tokens", "6,12"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| offline") or
             line.startswith("| arrivals")]
-    assert len(rows) == 2 and all(row.endswith("| yes |") for row in rows), rows
+    assert len(rows) == 3 and all(row.endswith("| yes |") for row in rows), rows
     assert all(int(row.split("|")[3].split()[0]) > 0 for row in rows), rows  # steps launched ahead

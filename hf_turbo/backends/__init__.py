@@ -92,7 +92,8 @@ def _cpu_backend_present() -> bool:
 
 
 def get_backend(name: str, device: torch.device | str, kv_dtype: str = "auto") -> Backend:
-    """A new backend instance for ``name`` on ``device`` and a KV cache of ``kv_dtype`` (see :func:`resolve_backend`)."""
+    """A new backend instance for ``name`` on ``device`` and a KV cache of ``kv_dtype`` (see
+    :func:`resolve_backend`)."""
     resolved = resolve_backend(name, device, kv_dtype)
     if resolved == "triton":
         from hf_turbo.backends.triton import TritonBackend

@@ -8,9 +8,10 @@ the mask and attention interface lookups and the output dataclasses. For the arc
 :class:`LeanForward` walks the same modules and computes the same values in the same order with the
 same shapes: the embedding and rotary modules, each projection called as the stock forward calls it (an
 ``nn.Linear``, a quantizer's subclass of it such as bitsandbytes' ``Linear8bitLt``/``Linear4bit``, or an
-``nn.Linear`` over a quantized weight tensor such as torchao's), the modeling module's ``apply_rotary_pos_emb``, the cache's ``update``, the "hf_turbo"
-attention, the norms' ``forward`` and the MLP's ``down(act(gate(x)) * up(x))``. Each op sees the
-inputs it sees in the stock forward, so the logits are bitwise the model's.
+``nn.Linear`` over a quantized weight tensor such as torchao's), the modeling module's ``apply_rotary_pos_emb``,
+the cache's ``update``, the "hf_turbo" attention, the norms' ``forward`` and the MLP's
+``down(act(gate(x)) * up(x))``. Each op sees the inputs it sees in the stock forward, so the logits are bitwise
+the model's.
 
 The norms, the rotary embedding, the MLP's ``act(gate) * up`` and the projections come from the
 backend's fused-op table (``backend.fused_ops``, :mod:`hf_turbo.backends.base`): the stock ops, or on
@@ -142,7 +143,8 @@ class LeanForward:
         if why is not None:
             return f"the model's own forward ({why})"
         kinds = sorted({linear_kind(m) for m in model.modules() if isinstance(m, nn.Linear)})
-        return f"the lean forward ({FAMILIES[model.config.model_type].prefix} family; linear layers: {', '.join(kinds)})"
+        family = FAMILIES[model.config.model_type].prefix
+        return f"the lean forward ({family} family; linear layers: {', '.join(kinds)})"
 
     @classmethod
     def build(cls, model: nn.Module) -> LeanForward | None:

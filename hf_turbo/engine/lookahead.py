@@ -20,11 +20,12 @@ the device runs that after step N+1). An abort between steps is immediate for th
 in-flight step's row for it is skipped. A step N+1 is committed only once step N's tokens are known (the
 prefix cache hashes no placeholder).
 
-What waits for step N's tokens first (then the next step is scheduled as usual): a waiting request that could
-be admitted (the next step is a prefill), a running request that is not one of step N's rows, a next step
-the graph sampler cannot take (its rows then run after the wait, as planned), and any step that was not
-sampled on the device (logprobs, penalties, grammars, speculation, ...). Speculation and tensor parallelism
-turn it off (``TurboConfig.async_scheduling``).
+The next step is always scheduled ahead (admissions included: a request that finishes in step N still holds its
+blocks and its place in that schedule), but it is queued ahead only when it is a plain decode step of step N's
+rows that the graph sampler takes; otherwise (an admitted prompt, a prefill chunk, a row outside the graphs' sizes)
+its rows run as planned once step N's tokens are known, less those that finished. A step not sampled on the device
+(logprobs, penalties, grammars, ...) is not kept in flight. Speculation and tensor parallelism turn it off
+(``TurboConfig.async_scheduling``).
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ class Lookahead:
             self.num_waits += 1
             return Launch(done=self._resolve(cur), step=eng.launch_plain())
         plan, rows, pending = planned
-        try:
-            sampled = self._run_ahead(plan, cur, rows)
+        try:  # a step with rows that are not cur's (an admitted prompt, a prefill chunk) is no plain decode step
+            sampled = None if -1 in rows else self._run_ahead(plan, cur, rows)
         except BaseException:
             self._unpend(pending)
             self._resolve(cur)  # the rows of the failed forward were aborted; the others get their tokens
@@ -129,7 +130,8 @@ class Lookahead:
         if sampled is not None:
             self.num_ahead += 1
             return Launch(resolve=cur, ahead=InFlight.detach(plan, sampled))
-        # the graph sampler cannot take it: the planned rows run once step N's tokens are known
+        # the graph sampler cannot take it (an admission, a prefill, a row outside the graphs): the planned rows
+        # run once step N's tokens are known
         self.num_waits += 1
         done = self._resolve(cur)
         live = [(req, n) for req, n in plan.sched.scheduled if req.status is RequestStatus.RUNNING]
@@ -162,18 +164,17 @@ class Lookahead:
 
     def _plan_ahead(self, cur: InFlight) -> tuple[StepPlan, list[int], list[Request]] | None:
         """Schedule the step after ``cur`` before its tokens are known: (plan, each scheduled row's row in
-        ``cur``'s tokens, the requests given a placeholder), or None where that is not the usual schedule."""
+        ``cur``'s tokens (-1: a row that is not one of them), the requests given a placeholder), or None when no
+        row of ``cur`` samples again."""
         sched = self.engine.scheduler
         rows = [req for _, req in cur.plan.sampled]
         live = [req for req in rows if req.status is RequestStatus.RUNNING]
-        if len(live) != len(sched.running) or (sched.waiting and len(sched.running) < sched.running_cap):
-            return None  # a prefill runs next (a running request outside the step, or one to admit)
         pending = [req for req in live if req.num_output_tokens + 1 < req.params.max_new_tokens]
         if not pending:
             return None
         for req in pending:
             req.token_ids.append(PENDING)
-        out = sched.schedule(admit=False, skip={req for req in live if req.token_ids[-1] != PENDING})
+        out = sched.schedule(skip={req for req in live if req.token_ids[-1] != PENDING})
         if not out.scheduled:
             self._unpend(pending)
             for req in pending:
@@ -181,7 +182,7 @@ class Lookahead:
                     sched.trim(req)
             return None
         index = {id(req): j for j, req in enumerate(rows)}
-        return plan_step(out), [index[id(req)] for req, _ in out.scheduled], pending
+        return plan_step(out), [index.get(id(req), -1) for req, _ in out.scheduled], pending
 
     def _run_ahead(self, plan: StepPlan, cur: InFlight, rows: list[int]) -> GraphSampled | None:
         eng = self.engine
