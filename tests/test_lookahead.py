@@ -236,6 +236,46 @@ def test_failing_ahead_forward_aborts_its_rows_and_the_engine_keeps_serving(llam
     assert [len(o.token_ids) for o in later] == [6, 6] and all(i not in engine.requests for i in ids)
 
 
+def test_interrupt_while_waiting_and_a_raising_stop_rule_keep_every_token(llama, monkeypatch):
+    """The in-flight step's progress is committed before its tokens arrive: a KeyboardInterrupt during the wait,
+    or a caller's stop rule raising for one row, still gives every row its token, and stepping on afterwards
+    gives the synchronous engine's tokens."""
+    prompts = _prompts(5)
+    params = [_params(i, max_new_tokens=16, ignore_eos=True) for i in range(5)]
+    sync = [o.token_ids for o in _engine(llama).generate(prompts, params, use_tqdm=False)]
+    engine = _engine(llama, ahead=True)
+    calls = {"rule": 0, "wait": 0}
+
+    def rule(output_ids):
+        calls["rule"] += 1
+        if calls["rule"] == 8:
+            raise RuntimeError("a stop rule failed")
+        return False
+
+    wait = InFlight.wait
+
+    def interrupted(self):
+        calls["wait"] += 1
+        if calls["wait"] == 4:
+            raise KeyboardInterrupt
+        return wait(self)
+
+    monkeypatch.setattr(InFlight, "wait", interrupted)
+    ids = [engine.add_request(p, sp, stop_checker=rule if i == 2 else None)
+           for i, (p, sp) in enumerate(zip(prompts, params))]
+    done, raised = {}, []
+    while engine.has_unfinished():
+        try:
+            outs = engine.step()
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            raised.append(type(exc).__name__)
+            continue
+        done.update((o.request_id, o.token_ids) for o in outs if o.finished)
+    assert sorted(raised) == ["KeyboardInterrupt", "RuntimeError"]
+    assert [done[i] for i in ids] == sync
+    assert_no_leak(engine)
+
+
 def test_async_engine_streams_the_same_tokens(fixture_pair):
     model, tok = fixture_pair
     prompts = ["def main():\n    ", "import os\n", "class Foo(object):", "x = 1\n"]

@@ -140,7 +140,12 @@ class Lookahead:
     def finish(self, launch: Launch) -> list[RequestOutput]:
         """Wait for the older step's tokens and apply them; keep the newer step in flight."""
         eng = self.engine
-        outputs = launch.done if launch.resolve is None else self._resolve(launch.resolve)
+        try:
+            outputs = launch.done if launch.resolve is None else self._resolve(launch.resolve)
+        except BaseException:  # every row got its token (see _resolve): the step queued ahead stays in flight
+            if launch.ahead is not None:
+                self._keep(launch.ahead)
+            raise
         if launch.ahead is not None:
             self._keep(launch.ahead)
         elif launch.step is not None:
@@ -202,18 +207,34 @@ class Lookahead:
                 req.token_ids.pop()
 
     def _resolve(self, step: InFlight) -> list[RequestOutput]:
-        """Wait for ``step``'s tokens, put them in place of the placeholders, apply the finish rules."""
+        """Wait for ``step``'s tokens, put them in place of the placeholders, apply the finish rules.
+
+        The step's progress is committed, so every row must get its token: an interrupt during the wait waits
+        again and applies them before it propagates, and a caller's rule raising for one row (``stop_checker``,
+        ``on_finish``) is raised once the other rows have theirs."""
+        try:
+            tokens = step.wait()
+        except BaseException:
+            self._apply(step, step.wait())
+            raise
+        return self._apply(step, tokens)
+
+    def _apply(self, step: InFlight, tokens: list[int]) -> list[RequestOutput]:
         book = self.engine.book
-        tokens = step.wait()
         now = time.perf_counter()
-        outputs = []
+        outputs, error = [], None
         for j, (_, req) in enumerate(step.plan.sampled):
             if req.is_finished:  # aborted (or failed) while the step ran
                 continue
             if req.token_ids[-1] == PENDING:
                 req.token_ids.pop()
-            book.append(req, [tokens[j]], j, None, None, {}, now)
-            if req.finish_reason is not None:
-                book.forget(req, RequestStatus.FINISHED)
-            outputs.append(req.to_output(book.detok(req) if req.finish_reason else None))
+            try:
+                book.append(req, [tokens[j]], j, None, None, {}, now)
+                if req.finish_reason is not None:
+                    book.forget(req, RequestStatus.FINISHED)
+                outputs.append(req.to_output(book.detok(req) if req.finish_reason else None))
+            except Exception as exc:  # noqa: BLE001 - raised below, once every row has its token
+                error = error or exc
+        if error is not None:
+            raise error
         return outputs
