@@ -44,7 +44,9 @@ def tp_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(HERE / "_tp_worker.py"), str(out), *paths]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # on failure: every rank's own lines (a rank that aborts may print its reason long before the tail) and the tail
+    ranks = "\n".join(line for line in proc.stderr.splitlines() if line.lstrip().startswith("[rank"))
+    assert proc.returncode == 0, f"{ranks[-8000:]}\n...\n{proc.stderr[-4000:]}"
     return root, out
 
 
