@@ -1,16 +1,16 @@
 """Async scheduling (``TurboConfig.async_scheduling``, engine/lookahead.py): the synchronous engine and the one that
 queues step N+1 before step N's tokens reach the host, side by side in one run on one model.
 
-Per workload: engine steps, the steps launched ahead (and their share of the steps sampled on the device), the
-waits (a step that had to wait for the previous tokens first: an admission, a step the graph sampler cannot
-take), the wall time of each side and their ratio, and whether the tokens are equal. Workloads: an offline
-batch (``--requests`` prompts of 16-200 tokens, 32-128 new tokens each (``--new-tokens``), greedy and seeded
-top-p draws, at most ``--max-seqs`` running), arrivals (a new request every ``--every`` steps while the others
-decode), and the offline batch with a KV pool of 3 x ``--max-seqs`` blocks (at least 24; a queue waits for
-blocks all along).
+Per workload: engine steps, the steps launched ahead (and their share of all steps), the waits (an in-flight step
+waited for before the next one was queued: a row that samples on the host, or nothing left to run), the wall
+time of each side and their ratio, and whether the tokens are equal. Workloads: an offline batch (``--requests``
+prompts of 16-200 tokens, 32-128 new tokens each (``--new-tokens``), greedy and seeded top-p draws, at most
+``--max-seqs`` running), arrivals (a new request every ``--every`` steps while the others decode), and the
+offline batch with a KV pool of 3 x ``--max-seqs`` blocks (at least 24; a queue waits for blocks all along).
 
 On the CPU the forward runs before the host goes on, so there is nothing to overlap: the time columns there show
-only what the bookkeeping costs, and the decode steps run through the padded graph path eagerly
+only what the bookkeeping and the samplers cost (prefill steps sample with the static sampler on the ahead side,
+with ``sample()``'s CPU shortcuts on the other), and the decode steps run through the padded graph path eagerly
 (``DecodeGraphs(capture=False)``) on both sides. On CUDA both sides capture CUDA graphs and the ratio is the
 overlap's gain.
 
@@ -69,11 +69,10 @@ def _run(engine: Engine, prompts, params, every: int | None) -> tuple[list[list[
     return tokens, time.perf_counter() - t0
 
 
-def _counters(engine: Engine) -> tuple[int, int, int, int]:
-    """(steps, steps sampled on the device, steps launched ahead, waits) so far."""
-    sampler, la = engine.runner.graphs.sampler, engine.lookahead
-    return (engine.num_steps, 0 if sampler is None else sampler.num_eager + sampler.num_replays,
-            0 if la is None else la.num_ahead, 0 if la is None else la.num_waits)
+def _counters(engine: Engine) -> tuple[int, int, int]:
+    """(steps, steps launched ahead, waits) so far."""
+    la = engine.lookahead
+    return engine.num_steps, 0 if la is None else la.num_ahead, 0 if la is None else la.num_waits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             tokens, seconds = _run(engine, prompts, params, every)
             results[ahead] = (tokens, seconds, [b - a for a, b in zip(before, _counters(engine))])
             engine.close()
-        (sync_tokens, sync_s, (sync_steps, *_)), (tokens, s, (steps, sampled, ahead_n, waits)) = \
+        (sync_tokens, sync_s, (sync_steps, *_)), (tokens, s, (steps, ahead_n, waits)) = \
             results[False], results[True]
-        print(f"| {name} | {sync_steps} / {steps} | {ahead_n} ({ahead_n / max(sampled, 1):.0%} of the "
-              f"device-sampled steps) | {waits} | {sync_s:.2f} | {s:.2f} | {s / sync_s:.2f} | "
-              f"{'yes' if tokens == sync_tokens else 'NO'} |")
+        print(f"| {name} | {sync_steps} / {steps} | {ahead_n} ({ahead_n / max(steps, 1):.0%}) | {waits} | "
+              f"{sync_s:.2f} | {s:.2f} | {s / sync_s:.2f} | {'yes' if tokens == sync_tokens else 'NO'} |")
     return 0
 
 

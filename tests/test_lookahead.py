@@ -148,6 +148,26 @@ def test_arrivals_prefix_hits_and_aborts(llama):
     assert engine.lookahead.num_ahead > 0 and engine.lookahead.num_waits > 0
 
 
+def test_chunked_prefills_and_host_sampled_requests_arriving_mid_flight(llama):
+    """Prompts longer than the step budget (their chunks run in steps queued ahead beside decode rows taken from the
+    device), a request that samples on the host (repetition penalty, logprobs: its steps wait), one that wants a
+    single token: the synchronous engine's tokens and logprobs."""
+    long = [[1 + (11 * i + j) % 95 for j in range(70 + 9 * i)] for i in range(3)]
+    arrivals = {0: [(p, _params(i, ignore_eos=True)) for i, p in enumerate(_prompts(4))],
+                2: [(long[0], _params(5, max_new_tokens=12, ignore_eos=True))],
+                4: [(long[1], _params(6, max_new_tokens=10, repetition_penalty=1.3))],
+                6: [(_prompts(7)[6], _params(7, max_new_tokens=1))],
+                8: [(long[2], _params(8, max_new_tokens=9, logprobs=2))],
+                11: [(_prompts(9)[8], _params(9, max_new_tokens=14))]}
+    kw = dict(max_num_batched_tokens=32)
+    sync_engine = _engine(llama, **kw)
+    sync = _drive(sync_engine, arrivals)
+    engine = _engine(llama, ahead=True, **kw)
+    assert _drive(engine, arrivals) == sync
+    mixed = engine.runner.graphs.sampler.num_static_eager
+    assert mixed > 5 and engine.lookahead.num_ahead > 10 and engine.lookahead.num_waits > 0
+
+
 def test_preemption_in_the_ahead_schedule(llama):
     """Four rows reach a new block in the same step with too few blocks free: the schedule made ahead of the
     in-flight step preempts (the victim's pending token lands while it waits), the tokens stay."""

@@ -25,7 +25,7 @@ from hf_turbo.engine.request import Request
 from hf_turbo.sampling import RowState, SampleResult
 from hf_turbo.sampling.static import StaticRowParams, sample_static, static_mode
 
-__all__ = ["GraphSampler", "GraphSampled", "sample_in_graph"]
+__all__ = ["GraphSampler", "GraphSampled", "sample_in_graph", "sample_static_eager", "static_sampling"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class GraphSampler:
         self.failed: str | None = None  # why capturing failed (then the sampler runs eagerly, still sync-free)
         self.num_replays = 0
         self.num_eager = 0
+        self.num_static_eager = 0  # eager steps' logits sampled by the same ops (sample_static_eager)
 
     @torch.inference_mode()
     def run(self, seqs: list[Request], rows: list[RowState], mode: int, ids_from: DeviceIds | None = None
@@ -105,6 +106,33 @@ def _eligible(plan: StepPlan, rows: list[RowState]) -> int | None:
         if req.params.logprobs is not None or req.scores is not None or req.grammar is not None:
             return None
     return static_mode(rows)
+
+
+def static_sampling(engine, plan: StepPlan) -> int | None:
+    """The sampler mode for ``plan``'s sampled rows when the static sampler can take them without a graph (see
+    :func:`sample_static_eager`), else None."""
+    graphs = engine.runner.graphs
+    if graphs is None or len(plan.sampled) > graphs.buckets[-1] \
+            or any(len(plan.rows[i]) != 1 for i, _ in plan.sampled):
+        return None
+    return _eligible(plan, plan.row_states())
+
+
+def sample_static_eager(engine, plan: StepPlan, logits: torch.Tensor) -> GraphSampled | None:
+    """An eager step's tokens from its ``logits`` by the graph sampler's ops, no graph and no host sync (engine/
+    lookahead.py keeps such a step in flight), or None where :func:`static_sampling` says no (nothing ran)."""
+    mode = static_sampling(engine, plan)
+    if mode is None:
+        return None
+    graphs = engine.runner.graphs
+    if graphs.sampler is None:
+        graphs.sampler = GraphSampler(graphs, engine.vocab_size)
+    rows = plan.row_states()
+    if not rows:
+        return GraphSampled(torch.empty(0, dtype=torch.int64, device=logits.device))
+    graphs.sampler.params.fill(rows, len(rows))
+    graphs.sampler.num_static_eager += 1
+    return GraphSampled(sample_static(logits, graphs.sampler.params, mode))
 
 
 def sample_in_graph(engine, plan: StepPlan, ids_from: DeviceIds | None = None) -> GraphSampled | None:

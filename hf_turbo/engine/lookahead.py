@@ -1,6 +1,8 @@
 """Async scheduling: the host schedules and launches step N+1 while the device still runs step N.
 
-A plain decode step whose tokens are sampled on the device (``engine/graph_sampler.py``) is kept *in flight*:
+A step whose tokens are sampled on the device without a host sync (a decode step by the graph sampler,
+``engine/graph_sampler.py``; any other step whose sampled rows need no host-side processing by the same static
+sampler on its eager logits) is kept *in flight*:
 its tokens are copied to the host without a wait (pinned buffer, non-blocking copy, an event), and its
 requests' progress is committed at once (the step is computing the K/V of each one's last token). On the next
 :meth:`Lookahead.launch`, before waiting for those tokens, the next step is scheduled and queued:
@@ -8,8 +10,9 @@ requests' progress is committed at once (the step is computing the K/V of each o
 - each request that continues gets a placeholder token (``PENDING``), so the scheduler, the block tables, the
   positions and the sampler's seed x position keys see the token it is about to have; a request whose pending
   token is its last (``max_new_tokens``) is left out;
-- the decode graph's input ids for those rows are gathered on the device from step N's sampled tokens
-  (``DecodeGraphs.run(ids_from=...)``), stream-ordered after step N's sampler and before step N+1's forward.
+- the input ids of those rows are gathered on the device from step N's sampled tokens (``DecodeGraphs.run`` or
+  ``ModelRunner.execute`` with ``ids_from``), stream-ordered after step N's sampler and before step N+1's
+  forward; rows that are not step N's (an admitted prompt, a prefill chunk) bring their ids from the host.
 
 Only then does the host wait for step N's tokens: they replace the placeholders, the finish rules run, and
 step N's outputs are returned. The tokens are the ones the synchronous loop gives, because every row's inputs,
@@ -21,10 +24,9 @@ in-flight step's row for it is skipped. A step N+1 is committed only once step N
 prefix cache hashes no placeholder).
 
 The next step is always scheduled ahead (admissions included: a request that finishes in step N still holds its
-blocks and its place in that schedule), but it is queued ahead only when it is a plain decode step of step N's
-rows that the graph sampler takes; otherwise (an admitted prompt, a prefill chunk, a row outside the graphs' sizes)
-its rows run as planned once step N's tokens are known, less those that finished. A step not sampled on the device
-(logprobs, penalties, grammars, ...) is not kept in flight. Speculation and tensor parallelism turn it off
+blocks and its place in that schedule). When one of its sampled rows needs the host's sampler (penalties,
+logprobs, a grammar, ``generate()``'s processors), its rows run as planned once step N's tokens are known, less
+those that finished, and it is not kept in flight. Speculation and tensor parallelism turn it off
 (``TurboConfig.async_scheduling``).
 """
 
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_turbo.engine.bookkeeping import StepPlan, plan_step
-from hf_turbo.engine.graph_sampler import GraphSampled, sample_in_graph
+from hf_turbo.engine.graph_sampler import GraphSampled, sample_in_graph, sample_static_eager, static_sampling
 from hf_turbo.engine.request import Request, RequestOutput, RequestStatus
 from hf_turbo.engine.scheduler import SchedulerOutput
 
@@ -112,17 +114,16 @@ class Lookahead:
 
     def launch(self) -> Launch:
         """Queue the next step: ahead of the in-flight one when it can, else after waiting for it."""
-        eng = self.engine
         cur, self.inflight = self.inflight, None
         if cur is None:
-            return Launch(step=eng.launch_plain())
+            return Launch(step=self._launch_plain())
         planned = self._plan_ahead(cur)
         if planned is None:
             self.num_waits += 1
-            return Launch(done=self._resolve(cur), step=eng.launch_plain())
+            return Launch(done=self._resolve(cur), step=self._launch_plain())
         plan, rows, pending = planned
-        try:  # a step with rows that are not cur's (an admitted prompt, a prefill chunk) is no plain decode step
-            sampled = None if -1 in rows else self._run_ahead(plan, cur, rows)
+        try:
+            sampled = self._run_ahead(plan, cur, rows)
         except BaseException:
             self._unpend(pending)
             self._resolve(cur)  # the rows of the failed forward were aborted; the others get their tokens
@@ -130,12 +131,12 @@ class Lookahead:
         if sampled is not None:
             self.num_ahead += 1
             return Launch(resolve=cur, ahead=InFlight.detach(plan, sampled))
-        # the graph sampler cannot take it (an admission, a prefill, a row outside the graphs): the planned rows
-        # run once step N's tokens are known
+        # a row needs the host's sampler (penalties, logprobs, a grammar, ...): the planned rows run once step N's
+        # tokens are known
         self.num_waits += 1
         done = self._resolve(cur)
         live = [(req, n) for req, n in plan.sched.scheduled if req.status is RequestStatus.RUNNING]
-        return Launch(done=done, step=eng.launch_plain(plan_step(SchedulerOutput(live))) if live else None)
+        return Launch(done=done, step=self._launch_plain(plan_step(SchedulerOutput(live))) if live else None)
 
     def finish(self, launch: Launch) -> list[RequestOutput]:
         """Wait for the older step's tokens and apply them; keep the newer step in flight."""
@@ -189,10 +190,25 @@ class Lookahead:
         index = {id(req): j for j, req in enumerate(rows)}
         return plan_step(out), [index.get(id(req), -1) for req, _ in out.scheduled], pending
 
+    def _launch_plain(self, plan: StepPlan | None = None) -> tuple | None:
+        """``Engine.launch_plain``, its logits sampled on the device when the static sampler can take its rows."""
+        step = self.engine.launch_plain(plan)
+        if step is None or isinstance(step[1], GraphSampled):
+            return step
+        sampled = sample_static_eager(self.engine, *step)
+        return step if sampled is None else (step[0], sampled)
+
     def _run_ahead(self, plan: StepPlan, cur: InFlight, rows: list[int]) -> GraphSampled | None:
+        """Queue ``plan`` with its pending rows' ids taken from ``cur``'s tokens: a plain decode step as the
+        decode graphs and their sampler, any other the eager forward and the static sampler; None (nothing ran)
+        where a row needs the host's sampler."""
         eng = self.engine
+        ids_from = (cur.tokens, rows)
         try:
-            sampled = sample_in_graph(eng, plan, (cur.tokens, rows))
+            sampled = None if -1 in rows else sample_in_graph(eng, plan, ids_from)
+            if sampled is None and static_sampling(eng, plan) is not None:
+                logits = eng.runner.execute(plan.sched.scheduled, plan.rows, ids_from)
+                sampled = sample_static_eager(eng, plan, logits)
         except Exception as exc:
             eng.book.fail(plan.sched.scheduled, exc)
             raise

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hf_turbo.cache.paged_cache import ForwardContext, PagedKVCache
-from hf_turbo.engine.graphs import DecodeGraphs, is_decode_only
+from hf_turbo.engine.graphs import DecodeGraphs, DeviceIds, is_decode_only
 from hf_turbo.engine.lean import LeanForward
 from hf_turbo.engine.request import Request
 from hf_turbo.engine.staging import StepStaging
@@ -61,18 +61,19 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # decode steps on static buffers (engine/graphs.py), when enabled
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[tuple[Request, int]], logit_rows: list[list[int]] | None = None
-                ) -> torch.Tensor:
+    def execute(self, scheduled: list[tuple[Request, int]], logit_rows: list[list[int]] | None = None,
+                ids_from: DeviceIds | None = None) -> torch.Tensor:
         """Run the forward for ``scheduled`` [(request, n new tokens)].
 
         ``logit_rows[i]`` lists the offsets within sequence i's chunk whose logits are wanted
         (default: the last token if the chunk reaches the end of the sequence). A request's
         ``spec_tokens`` are computed as if appended to its ``token_ids``. Returns float logits
-        [N, V] for all wanted positions in order.
+        [N, V] for all wanted positions in order. ``ids_from`` ``(tokens, rows)``: sequence i's one new
+        token is ``tokens[rows[i]]``, on the device, where ``rows[i] >= 0`` (engine/lookahead.py).
         """
         lean = self.lean if self.lean is not None and self.lean.usable() else None
-        if self.graph_ready(scheduled, logit_rows):
-            logits = self.graphs.run([req for req, _ in scheduled])
+        if self.graph_ready(scheduled, logit_rows) and (ids_from is None or min(ids_from[1]) >= 0):
+            logits = self.graphs.run([req for req, _ in scheduled], ids_from)
             if logits is not None:  # a static buffer on CUDA: the caller gets its own copy
                 return logits.float() if logits.dtype != torch.float32 or not logits.is_cuda else logits.clone()
         bs = self.block_size
@@ -120,7 +121,12 @@ class ModelRunner:
             sliding.plan(scheduled)
             parts["sliding_slots"] = (sliding.map_slots(np.asarray(slots, dtype=np.int64)), torch.int64)
             parts["sliding_table"] = (sliding.map_table(np.asarray(table, dtype=np.int64)), torch.int32)
+        if ids_from is not None:  # the rows' token positions in ``ids`` and their rows in the device tokens
+            parts["at"] = ([cu[i] for i, r in enumerate(ids_from[1]) if r >= 0], torch.int64)
+            parts["src"] = ([r for r in ids_from[1] if r >= 0], torch.int64)
         staged = self.staging.stage(parts)
+        if ids_from is not None:  # stream-ordered after the staging copy, before the forward
+            staged["ids"].index_copy_(0, staged["at"], ids_from[0].index_select(0, staged["src"]))
         input_ids, position_ids, logits_to_keep = staged["ids"][None], staged["pos"][None], staged["keep"]
         ctx = ForwardContext(
             cache=self.cache, slot_mapping=staged["slots"], cu_seqlens_q=staged["cu"], context_lens=staged["lens"],
