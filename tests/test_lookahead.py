@@ -72,7 +72,7 @@ def _drive(engine: Engine, arrivals: dict[int, list[tuple[list[int], SamplingPar
 
 
 # -- the scheduler's part ------------------------------------------------------------------------------------
-def test_schedule_running_only_and_skipping():
+def test_schedule_skipping_a_running_request():
     sched = Scheduler(BlockPool(16, 4), max_num_seqs=4, max_num_batched_tokens=64)
     reqs = [Request(f"r{i}", [1, 2, 3], SamplingParams(), 0) for i in range(3)]
     for r in reqs[:2]:
@@ -81,11 +81,14 @@ def test_schedule_running_only_and_skipping():
     for r in reqs[:2]:
         r.token_ids.append(7)
     sched.add(reqs[2])
-    out = sched.schedule(admit=False, skip={reqs[0]})
-    assert [(r.request_id, n) for r, n in out.scheduled] == [("r1", 1)]  # r0 skipped, r2 not admitted
-    assert list(sched.waiting) == [reqs[2]] and reqs[0].status is RequestStatus.RUNNING
+    out = sched.schedule(skip={reqs[0]})
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r1", 1), ("r2", 3)]  # r0 skipped, r2 admitted
+    assert reqs[0].status is RequestStatus.RUNNING and not sched.waiting
+    sched.commit(out)
+    for r in reqs[1:]:
+        r.token_ids.append(7)
     out = sched.schedule()
-    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 1), ("r2", 3)]
+    assert [(r.request_id, n) for r, n in out.scheduled] == [("r0", 1), ("r1", 1), ("r2", 1)]
 
 
 # -- same tokens as the synchronous engine --------------------------------------------------------------------

@@ -119,9 +119,9 @@ class Scheduler:
         return self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
 
     # -- one step -------------------------------------------------------------------------------
-    def schedule(self, admit: bool = True, skip: Collection[Request] = ()) -> SchedulerOutput:
-        """This step's work. ``admit=False`` schedules running requests only; ``skip``: running requests left
-        out of this step (they may still be preempted for another's block)."""
+    def schedule(self, skip: Collection[Request] = ()) -> SchedulerOutput:
+        """This step's work; ``skip``: running requests left out of it (they may still be preempted for another's
+        block)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
@@ -153,7 +153,7 @@ class Scheduler:
             i += 1
 
         producing: set[bytes] | None = None
-        while admit and self.waiting and budget > 0 and len(self.running) < self.running_cap and not out.preempted:
+        while self.waiting and budget > 0 and len(self.running) < self.running_cap and not out.preempted:
             req = self.waiting[0]
             imported = req.num_imported
             if imported and req.num_computed == 0 and not req.block_ids:
