@@ -108,26 +108,30 @@ def _eligible(plan: StepPlan, rows: list[RowState]) -> int | None:
     return static_mode(rows)
 
 
-def static_sampling(engine, plan: StepPlan) -> int | None:
-    """The sampler mode for ``plan``'s sampled rows when the static sampler can take them without a graph (see
+def static_sampling(engine, plan: StepPlan) -> tuple[int, list[RowState]] | None:
+    """(sampler mode, rows) of ``plan``'s sampled rows when the static sampler can take them without a graph (see
     :func:`sample_static_eager`), else None."""
     graphs = engine.runner.graphs
     if graphs is None or len(plan.sampled) > graphs.buckets[-1] \
             or any(len(plan.rows[i]) != 1 for i, _ in plan.sampled):
         return None
-    return _eligible(plan, plan.row_states())
+    rows = plan.row_states()
+    mode = _eligible(plan, rows)
+    return None if mode is None else (mode, rows)
 
 
-def sample_static_eager(engine, plan: StepPlan, logits: torch.Tensor) -> GraphSampled | None:
+def sample_static_eager(engine, plan: StepPlan, logits: torch.Tensor,
+                        how: tuple[int, list[RowState]] | None = None) -> GraphSampled | None:
     """An eager step's tokens from its ``logits`` by the graph sampler's ops, no graph and no host sync (engine/
-    lookahead.py keeps such a step in flight), or None where :func:`static_sampling` says no (nothing ran)."""
-    mode = static_sampling(engine, plan)
-    if mode is None:
+    lookahead.py keeps such a step in flight), or None where :func:`static_sampling` (``how``, when the caller has
+    it) says no (nothing ran)."""
+    how = how or static_sampling(engine, plan)
+    if how is None:
         return None
+    mode, rows = how
     graphs = engine.runner.graphs
     if graphs.sampler is None:
         graphs.sampler = GraphSampler(graphs, engine.vocab_size)
-    rows = plan.row_states()
     if not rows:
         return GraphSampled(torch.empty(0, dtype=torch.int64, device=logits.device))
     graphs.sampler.params.fill(rows, len(rows))

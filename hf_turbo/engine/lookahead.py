@@ -90,6 +90,16 @@ class Launch:
     step: tuple | None = None
 
 
+def _running(scheduled: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+    """The scheduled rows whose requests still run (not finished, aborted or preempted since)."""
+    return [(req, n) for req, n in scheduled if req.status is RequestStatus.RUNNING]
+
+
+def _samples_again(req: Request) -> bool:
+    """Whether the token ``req`` has in flight is not its last (``max_new_tokens``)."""
+    return req.num_output_tokens + 1 < req.params.max_new_tokens
+
+
 def lookahead_for(engine) -> Lookahead | None:
     """``TurboConfig.async_scheduling`` resolved for ``engine``: None (the default) is on where decode steps
     run as CUDA graphs; True where it cannot run (speculation, tensor parallelism) is a ValueError."""
@@ -135,7 +145,7 @@ class Lookahead:
         # tokens are known
         self.num_waits += 1
         done = self._resolve(cur)
-        live = [(req, n) for req, n in plan.sched.scheduled if req.status is RequestStatus.RUNNING]
+        live = _running(plan.sched.scheduled)
         return Launch(done=done, step=self._launch_plain(plan_step(SchedulerOutput(live))) if live else None)
 
     def finish(self, launch: Launch) -> list[RequestOutput]:
@@ -160,13 +170,13 @@ class Lookahead:
     # -- the steps ------------------------------------------------------------------------------
     def _keep(self, step: InFlight) -> None:
         """Commit ``step``'s rows that still run (their K/V is being written) and keep it in flight."""
-        live = [(req, n) for req, n in step.plan.sched.scheduled if req.status is RequestStatus.RUNNING]
+        live = _running(step.plan.sched.scheduled)
         self.engine.scheduler.commit(SchedulerOutput(live))
         self.inflight = step if live else None
 
     def _continues(self, plan: StepPlan) -> bool:
         """Whether a step may stay in flight: some row samples past it."""
-        return any(req.num_output_tokens + 1 < req.params.max_new_tokens for _, req in plan.sampled)
+        return any(_samples_again(req) for _, req in plan.sampled)
 
     def _plan_ahead(self, cur: InFlight) -> tuple[StepPlan, list[int], list[Request]] | None:
         """Schedule the step after ``cur`` before its tokens are known: (plan, each scheduled row's row in
@@ -175,7 +185,7 @@ class Lookahead:
         sched = self.engine.scheduler
         rows = [req for _, req in cur.plan.sampled]
         live = [req for req in rows if req.status is RequestStatus.RUNNING]
-        pending = [req for req in live if req.num_output_tokens + 1 < req.params.max_new_tokens]
+        pending = [req for req in live if _samples_again(req)]
         if not pending:
             return None
         for req in pending:
@@ -206,9 +216,10 @@ class Lookahead:
         ids_from = (cur.tokens, rows)
         try:
             sampled = None if -1 in rows else sample_in_graph(eng, plan, ids_from)
-            if sampled is None and static_sampling(eng, plan) is not None:
+            how = None if sampled is not None else static_sampling(eng, plan)
+            if how is not None:
                 logits = eng.runner.execute(plan.sched.scheduled, plan.rows, ids_from)
-                sampled = sample_static_eager(eng, plan, logits)
+                sampled = sample_static_eager(eng, plan, logits, how)
         except Exception as exc:
             eng.book.fail(plan.sched.scheduled, exc)
             raise

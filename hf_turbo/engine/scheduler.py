@@ -113,11 +113,6 @@ class Scheduler:
         out.preempted.append(victim)
         logger.debug("preempted %s", victim.request_id)
 
-    @property
-    def running_cap(self) -> int:
-        """How many requests may run at once."""
-        return self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
-
     # -- one step -------------------------------------------------------------------------------
     def schedule(self, skip: Collection[Request] = ()) -> SchedulerOutput:
         """This step's work; ``skip``: running requests left out of it (they may still be preempted for another's
@@ -153,7 +148,8 @@ class Scheduler:
             i += 1
 
         producing: set[bytes] | None = None
-        while self.waiting and budget > 0 and len(self.running) < self.running_cap and not out.preempted:
+        max_running = self.max_num_seqs if self.max_running is None else min(self.max_num_seqs, self.max_running)
+        while self.waiting and budget > 0 and len(self.running) < max_running and not out.preempted:
             req = self.waiting[0]
             imported = req.num_imported
             if imported and req.num_computed == 0 and not req.block_ids:
